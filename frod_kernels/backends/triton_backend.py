@@ -1,0 +1,505 @@
+"""Triton implementations of the FRoD primitives (same signatures and semantics as ``torch_backend``).
+
+``dual_matmul(a1, b1, a2, b2, bias)``  → a1·b1ᵀ (+ a2·b2ᵀ) (+ bias), shape (R, C)
+    a1 (R, K1), b1 (C, K1), a2 (R, K2), b2 (C, K2), bias (C,); any strides, K1 ≠ K2 allowed.
+    One tiled GEMM kernel accumulates both products into the same output tile and adds the
+    bias in its epilogue, so the token-space forward Y = X·Wᵀ + (X·V_M)·Uᵀ + b (FROD.md §5)
+    writes Y once.
+
+``m_matmul(b, diag, values, pattern, transpose)`` → M·b, or Mᵀ·b if ``transpose``; shape (n, R)
+    with M = diag(diag) + S, S[r_j, c_j] = values[j]; b (n, R), any strides. Cost O(R·(n+k)).
+    One program per (output row, block of R columns) walks that row's nonzeros (CSR for M,
+    CSC for Mᵀ), so no R × k temporary exists.
+
+``sddmm(at, bt, pattern)`` → (C[i, i] for i < n, C[r_j, c_j] for j < k) with C = at·btᵀ;
+    at, bt (n, T), any strides. One program per block of sampled entries gathers the two rows
+    and reduces over T in blocks; cost O(T·(n+k)).
+
+All kernels accumulate in float32 (float64 for float64 inputs) and write the input's dtype.
+Offsets are computed in int64, so tensors with more than 2**31 elements are addressed safely.
+
+Speed notes: the kernels take any strides, but loads are coalesced along the unit-stride axis
+the grids are laid out for: for ``m_matmul`` that is ``b`` row-major (unit stride along R), for
+``sddmm`` ``at`` and ``bt`` row-major (unit stride along T); ``dual_matmul`` is fine with either
+layout of its operands (Triton picks the shared-memory layout per tile).
+
+Kernels are JIT-compiled for the GPU unless ``TRITON_INTERPRET=1`` was set before this module
+was imported, in which case they run on CPU tensors under Triton's interpreter (slow; tests only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..pattern import SparsePattern
+
+__all__ = ["dual_matmul", "is_available", "m_matmul", "sddmm"]
+
+# Read once, at definition time: ``triton.jit`` makes the same decision when the kernels below
+# are defined, and the block-size choices must agree with it.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def is_available() -> bool:
+    """True if the kernels can run here: on a GPU, or on the CPU under Triton's interpreter."""
+    return _INTERPRET or torch.cuda.is_available()
+
+
+def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Accumulator type: float64 for float64 data, float32 for everything else (fp16/bf16/fp32)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s GPU current for the launch (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# dual_matmul
+# --------------------------------------------------------------------------------------------
+
+
+def _config(
+    block_m: int, block_n: int, block_k: int, stages: int, warps: int, group_m: int = 8
+) -> triton.Config:
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
+    return triton.Config(meta, num_stages=stages, num_warps=warps)
+
+
+if _INTERPRET:
+    # Autotuning under the interpreter would run every config in Python; one small config is
+    # enough and still gives several tiles, ragged edges and a ragged last tile group on the
+    # tests' odd shapes.
+    _DUAL_CONFIGS = [_config(32, 32, 32, stages=1, warps=1, group_m=2)]
+else:
+    # Hopper-sized tiles for 2-byte types; the float32 / float64 ones that exceed shared memory
+    # are skipped by the autotuner (OutOfResources), the smaller ones cover those dtypes.
+    _DUAL_CONFIGS = [
+        _config(128, 256, 64, stages=3, warps=8),
+        _config(256, 128, 64, stages=3, warps=8),
+        _config(128, 128, 64, stages=4, warps=8),
+        _config(128, 128, 32, stages=4, warps=4),
+        _config(128, 64, 64, stages=4, warps=4),
+        _config(64, 128, 64, stages=4, warps=4),
+        _config(64, 64, 32, stages=5, warps=4),
+    ]
+
+
+@triton.jit
+def _accumulate_product(
+    acc,
+    a,
+    b,
+    rm,
+    rn,
+    R,
+    C,
+    K,
+    stride_ar,
+    stride_ak,
+    stride_bc,
+    stride_bk,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc += a[rm, :]·b[rn, :]ᵀ for one output tile; a is (R, K), b is (C, K); rm, rn int64."""
+    rk = tl.arange(0, BLOCK_K)
+    # tl.cast (not .to) because a stride of 1 arrives as a constexpr; int64 so that
+    # BLOCK_K·stride and rk·stride cannot overflow for huge strides.
+    stride_ak = tl.cast(stride_ak, tl.int64)
+    stride_bk = tl.cast(stride_bk, tl.int64)
+    a_ptrs = a + rm[:, None] * stride_ar + rk[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+    b_ptrs = b + rk[:, None] * stride_bk + rn[None, :] * stride_bc  # (BLOCK_K, BLOCK_N) tile of bᵀ
+    m_mask = rm[:, None] < R
+    n_mask = rn[None, :] < C
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = rk < K - k0
+        a_tile = tl.load(a_ptrs, mask=m_mask & k_mask[None, :], other=0.0)
+        b_tile = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask, other=0.0)
+        acc = tl.dot(a_tile, b_tile, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.autotune(configs=_DUAL_CONFIGS, key=["R", "C", "K1", "K2"])
+@triton.jit
+def _dual_matmul_kernel(
+    a1,
+    b1,
+    a2,
+    b2,
+    bias,
+    out,
+    R,
+    C,
+    K1,
+    K2,
+    stride_a1r,
+    stride_a1k,
+    stride_b1c,
+    stride_b1k,
+    stride_a2r,
+    stride_a2k,
+    stride_b2c,
+    stride_b2k,
+    stride_bias,
+    stride_or,
+    stride_oc,
+    HAS_SECOND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out[R, C] = a1·b1ᵀ (+ a2·b2ᵀ) (+ bias): both products go into one accumulator tile."""
+    # Grouped ("swizzled") tile order: GROUP_M consecutive programs share B tiles in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(R, BLOCK_M)
+    num_pid_n = tl.cdiv(C, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc = _accumulate_product(
+        acc,
+        a1,
+        b1,
+        rm,
+        rn,
+        R,
+        C,
+        K1,
+        stride_a1r,
+        stride_a1k,
+        stride_b1c,
+        stride_b1k,
+        INPUT_PRECISION,
+        BLOCK_K,
+    )
+    if HAS_SECOND:
+        acc = _accumulate_product(
+            acc,
+            a2,
+            b2,
+            rm,
+            rn,
+            R,
+            C,
+            K2,
+            stride_a2r,
+            stride_a2k,
+            stride_b2c,
+            stride_b2k,
+            INPUT_PRECISION,
+            BLOCK_K,
+        )
+    if HAS_BIAS:
+        acc += tl.load(bias + rn * stride_bias, mask=rn < C, other=0.0).to(ACC_DTYPE)[None, :]
+    out_ptrs = out + rm[:, None] * stride_or + rn[None, :] * stride_oc
+    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=(rm[:, None] < R) & (rn[None, :] < C))
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """TF32 only where PyTorch would use it for the same float32 matmul; exact products otherwise."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def dual_matmul(
+    a1: torch.Tensor,
+    b1: torch.Tensor,
+    a2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """a1·b1ᵀ + a2·b2ᵀ + bias, accumulated into one output (R, C) of a1's dtype.
+
+    a1 (R, K1), b1 (C, K1), optional a2 (R, K2) with b2 (C, K2), optional bias (C,); any strides
+    (transposed views such as ``W.t()`` are read in place, never copied).
+    """
+    assert a1.dim() == 2 and b1.dim() == 2 and a1.shape[1] == b1.shape[1]
+    assert (a2 is None) == (b2 is None)
+    assert b1.device == a1.device and b1.dtype == a1.dtype
+    R, C, K1 = a1.shape[0], b1.shape[0], a1.shape[1]
+    out = torch.empty((R, C), dtype=a1.dtype, device=a1.device)
+    if R == 0 or C == 0:
+        return out
+    has_second = a2 is not None
+    if has_second:
+        assert a2.dim() == 2 and b2.dim() == 2 and a2.shape[0] == R and b2.shape[0] == C
+        assert a2.shape[1] == b2.shape[1]
+        assert a2.device == b2.device == a1.device and a2.dtype == b2.dtype == a1.dtype
+    else:
+        a2, b2 = a1, b1  # never read (HAS_SECOND is False); any valid tensor will do
+    has_bias = bias is not None
+    if has_bias:
+        assert bias.shape == (C,) and bias.device == a1.device
+    else:
+        bias = out  # never read (HAS_BIAS is False)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(R, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)
+
+    with _on_device(a1):
+        _dual_matmul_kernel[grid](
+            a1,
+            b1,
+            a2,
+            b2,
+            bias,
+            out,
+            R,
+            C,
+            K1,
+            a2.shape[1] if has_second else 0,
+            a1.stride(0),
+            a1.stride(1),
+            b1.stride(0),
+            b1.stride(1),
+            a2.stride(0),
+            a2.stride(1),
+            b2.stride(0),
+            b2.stride(1),
+            bias.stride(0) if has_bias else 0,
+            out.stride(0),
+            out.stride(1),
+            HAS_SECOND=has_second,
+            HAS_BIAS=has_bias,
+            ACC_DTYPE=_acc_dtype(a1.dtype),
+            INPUT_PRECISION=_input_precision(a1.dtype),
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# m_matmul
+# --------------------------------------------------------------------------------------------
+
+# Largest block of R columns per program. Small under the interpreter so that the tests'
+# shapes span several column blocks (and exercise their masks).
+_M_BLOCK_R_MAX = 32 if _INTERPRET else 256
+
+
+@triton.jit
+def _m_matmul_kernel(
+    b,
+    diag,
+    values,
+    ptr,
+    idx,
+    perm,
+    out,
+    R,
+    stride_bn,
+    stride_br,
+    stride_diag,
+    stride_ptr,
+    stride_values,
+    stride_idx,
+    stride_perm,
+    stride_on,
+    USE_PERM: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """out[i, :] = diag[i]·b[i, :] + Σ_{e ∈ [ptr[i], ptr[i+1])} values[j_e]·b[idx[j_e], :].
+
+    j_e = perm[e] if USE_PERM else e. CSR (M·b): ptr = csr_ptr, idx = column indices, no perm.
+    CSC (Mᵀ·b): ptr = csc_ptr, idx = row indices, perm = csc_perm.
+    Grid: (n rows, blocks of BLOCK_R columns of R).
+    """
+    i = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_mask = cols < R
+    col_offs = cols * stride_br
+    d = tl.load(diag + i * stride_diag).to(ACC_DTYPE)
+    acc = d * tl.load(b + i * stride_bn + col_offs, mask=col_mask, other=0.0).to(ACC_DTYPE)
+    start = tl.load(ptr + i * stride_ptr)
+    end = tl.load(ptr + (i + 1) * stride_ptr)
+    for e in range(start, end):
+        if USE_PERM:
+            j = tl.load(perm + e * stride_perm)
+        else:
+            j = e
+        src = tl.load(idx + j * stride_idx)
+        v = tl.load(values + j * stride_values).to(ACC_DTYPE)
+        acc += v * tl.load(b + src * stride_bn + col_offs, mask=col_mask, other=0.0).to(ACC_DTYPE)
+    tl.store(out + i * stride_on + cols, acc.to(out.dtype.element_ty), mask=col_mask)
+
+
+def m_matmul(
+    b: torch.Tensor,
+    diag: torch.Tensor,
+    values: torch.Tensor,
+    pattern: SparsePattern,
+    transpose: bool = False,
+) -> torch.Tensor:
+    """M·b (or Mᵀ·b) with M = diag(diag) + S, S[r_j, c_j] = values[j]; b is (n, R), any strides.
+
+    Returns a contiguous (n, R) tensor of b's dtype. Cost O(R·(n+k)), no temporaries.
+    """
+    assert b.dim() == 2 and diag.dim() == 1 and values.dim() == 1
+    assert b.device == diag.device == values.device == pattern.indices.device
+    n, R = b.shape
+    out = torch.empty((n, R), dtype=b.dtype, device=b.device)
+    if R == 0:
+        return out
+    if transpose:
+        ptr, idx, perm = pattern.csc_ptr, pattern.indices[0], pattern.csc_perm
+    else:
+        # Row-major entries are already in CSR order: the value index is the entry number.
+        ptr, idx, perm = pattern.csr_ptr, pattern.indices[1], pattern.csr_ptr  # perm never read
+    block_r = min(triton.next_power_of_2(R), _M_BLOCK_R_MAX)
+    with _on_device(b):
+        _m_matmul_kernel[(n, triton.cdiv(R, block_r))](
+            b,
+            diag,
+            values,
+            ptr,
+            idx,
+            perm,
+            out,
+            R,
+            b.stride(0),
+            b.stride(1),
+            diag.stride(0),
+            ptr.stride(0),
+            values.stride(0),
+            idx.stride(0),
+            perm.stride(0),
+            out.stride(0),
+            USE_PERM=transpose,
+            ACC_DTYPE=_acc_dtype(b.dtype),
+            BLOCK_R=block_r,
+            num_warps=max(1, min(4, block_r // 64)),
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# sddmm
+# --------------------------------------------------------------------------------------------
+
+# Entries per program and largest T block; small under the interpreter so that the tests
+# cover several entry blocks and several T iterations.
+_SDDMM_BLOCK_E = 16 if _INTERPRET else 32
+_SDDMM_BLOCK_T_MAX = 16 if _INTERPRET else 128
+
+
+@triton.jit
+def _sddmm_kernel(
+    at,
+    bt,
+    rows,
+    cols,
+    out,
+    E,
+    T,
+    stride_an,
+    stride_at,
+    stride_bn,
+    stride_bt,
+    stride_rows,
+    stride_cols,
+    IS_DIAG: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """out[e] = Σ_t at[r_e, t]·bt[c_e, t] for e < E.
+
+    (r_e, c_e) = (e, e) if IS_DIAG (rows / cols are not read), else (rows[e], cols[e]).
+    """
+    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = e < E
+    if IS_DIAG:
+        r = e
+        c = e
+    else:
+        r = tl.load(rows + e * stride_rows, mask=e_mask, other=0)
+        c = tl.load(cols + e * stride_cols, mask=e_mask, other=0)
+    t = tl.arange(0, BLOCK_T)
+    # int64 T offsets: t·stride can pass 2**31 when at or bt is a transposed (column-major) view.
+    stride_at = tl.cast(stride_at, tl.int64)
+    stride_bt = tl.cast(stride_bt, tl.int64)
+    a_ptrs = at + r[:, None] * stride_an + t[None, :] * stride_at
+    b_ptrs = bt + c[:, None] * stride_bn + t[None, :] * stride_bt
+    acc = tl.zeros((BLOCK_E,), dtype=ACC_DTYPE)
+    for t0 in range(0, T, BLOCK_T):
+        mask = e_mask[:, None] & (t[None, :] < T - t0)
+        a = tl.load(a_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
+        b = tl.load(b_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
+        acc += tl.sum(a * b, axis=1)
+        a_ptrs += BLOCK_T * stride_at
+        b_ptrs += BLOCK_T * stride_bt
+    tl.store(out + e, acc.to(out.dtype.element_ty), mask=e_mask)
+
+
+def _launch_sddmm(
+    at: torch.Tensor,
+    bt: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    out: torch.Tensor,
+    is_diag: bool,
+) -> None:
+    E, T = out.numel(), at.shape[1]
+    block_t = min(triton.next_power_of_2(T), _SDDMM_BLOCK_T_MAX)
+    _sddmm_kernel[(triton.cdiv(E, _SDDMM_BLOCK_E),)](
+        at,
+        bt,
+        rows,
+        cols,
+        out,
+        E,
+        T,
+        at.stride(0),
+        at.stride(1),
+        bt.stride(0),
+        bt.stride(1),
+        rows.stride(0),
+        cols.stride(0),
+        IS_DIAG=is_diag,
+        ACC_DTYPE=_acc_dtype(at.dtype),
+        BLOCK_E=_SDDMM_BLOCK_E,
+        BLOCK_T=block_t,
+    )
+
+
+def sddmm(at: torch.Tensor, bt: torch.Tensor, pattern: SparsePattern) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal and Ω entries of C = at·btᵀ; at, bt are (n, T), any strides.
+
+    Returns (diag_vals (n,), pattern_vals (k,)) in at's dtype: diag_vals[i] = C[i, i],
+    pattern_vals[j] = C[r_j, c_j]. Cost O(T·(n+k)); C itself is never formed.
+    """
+    assert at.dim() == 2 and at.shape == bt.shape
+    assert at.device == bt.device == pattern.indices.device
+    n, T = at.shape
+    diag_vals = torch.empty(n, dtype=at.dtype, device=at.device)
+    pattern_vals = torch.empty(pattern.k, dtype=at.dtype, device=at.device)
+    if T == 0:
+        return diag_vals.zero_(), pattern_vals.zero_()
+    rows, cols = pattern.indices[0], pattern.indices[1]
+    with _on_device(at):
+        # Two launches of one kernel; the diagonal one needs no index arrays (IS_DIAG).
+        _launch_sddmm(at, bt, rows, cols, diag_vals, is_diag=True)
+        if pattern.k > 0:
+            _launch_sddmm(at, bt, rows, cols, pattern_vals, is_diag=False)
+    return diag_vals, pattern_vals

@@ -1,0 +1,153 @@
+"""Joint decomposition of a category of weights into a shared basis (FROD.md §2).
+
+For L weights W_i of shape (o, n) it finds one invertible V (n × n) and per layer U_i (o × n, unit
+columns) and λ_i (n) with W_i = U_i·diag(λ_i)·Vᵀ, exactly up to rounding:
+
+1. C = Σ W_iᵀ W_i = Rᵀ R (Cholesky, float64; the Gram route needs O(n²) memory, not O(L·o·n)).
+2. Q_i = W_i R⁻¹ (triangular solve).
+3. T = (1/L) Σ (Q_iᵀ Q_i + α I)⁻¹, α = reg.
+4. T = E Θ Eᵀ (symmetric eigendecomposition).
+5. V = Rᵀ E.
+6. B_i = Q_i E, λ_i = column norms of B_i, U_i = B_i diag(λ_i)⁻¹ (a zero column stays zero).
+
+Exactness does not depend on how well T is resolved: B_i Vᵀ = Q_i E Eᵀ R = Q_i R = W_i for any
+orthogonal E, so the reconstruction error is that of the triangular solve. A singular Gram sum
+(L·o < n, or rank-deficient weights) gets a small diagonal jitter, escalated until R is well
+defined; Q_i is still solved from W_i, so W_i = Q_i R stays exact and V stays invertible.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["JointBasis", "joint_decompose"]
+
+logger = logging.getLogger("frod_kernels")
+
+# A Cholesky factor whose smallest pivot is below this fraction of its largest is treated as
+# singular: Q = W R⁻¹ would amplify rounding by 1/ratio.
+_PIVOT_RATIO = 1e-7
+_JITTER_START = 1e-12
+
+
+@dataclass
+class JointBasis:
+    """The shared basis of one category: W_i = U[i] · diag(lam[i]) · Vᵀ.
+
+    V: (n, n) shared basis.  U: L tensors (o, n) with unit (or zero) columns.  lam: L tensors (n,).
+    errors: relative reconstruction error ‖W_i − U_i diag(λ_i) Vᵀ‖_F / ‖W_i‖_F per layer (float64).
+    jitter: the diagonal added to the Gram sum (0.0 unless it was singular).
+    """
+
+    V: torch.Tensor
+    U: list[torch.Tensor]
+    lam: list[torch.Tensor]
+    errors: list[float]
+    jitter: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.U)
+
+
+def _check_weights(weights: Sequence[torch.Tensor]) -> tuple[int, int]:
+    if len(weights) == 0:
+        raise ValueError("joint_decompose needs at least one weight")
+    o, n = weights[0].shape if weights[0].dim() == 2 else (None, None)
+    for i, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise ValueError(f"weight {i} must be a 2-D tensor (out_features, in_features)")
+        if tuple(w.shape) != (o, n):
+            raise ValueError(f"weight {i} has shape {tuple(w.shape)}, expected {(o, n)} like weight 0")
+        if w.device != weights[0].device:
+            raise ValueError(f"weight {i} is on {w.device}, weight 0 on {weights[0].device}")
+        if not w.is_floating_point():
+            raise ValueError(f"weight {i} must be a floating-point tensor, got {w.dtype}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"weight {i} has non-finite entries (NaN or Inf); cannot decompose")
+    return o, n
+
+
+def _cholesky_upper(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Upper R with gram + jitter·I = Rᵀ R, the jitter escalated from 0 until R is sound."""
+    n = gram.shape[0]
+    scale = float(gram.diagonal().mean()) or 1.0
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+    jitter = 0.0
+    while True:
+        low, info = torch.linalg.cholesky_ex(gram + jitter * eye if jitter else gram)
+        if int(info) == 0:
+            pivots = low.diagonal()
+            if float(pivots.min()) > _PIVOT_RATIO * float(pivots.max()):
+                return low.mT, jitter
+        jitter = _JITTER_START * scale if jitter == 0.0 else jitter * 100.0
+
+
+def _mean_regularised_inverse(qs: list[torch.Tensor], reg: float) -> torch.Tensor:
+    """T = (1/L) Σ (Q_iᵀ Q_i + α I)⁻¹ via Cholesky; Woodbury when o < n (cost O(o²n) per layer)."""
+    o, n = qs[0].shape
+    eye_n = torch.eye(n, dtype=qs[0].dtype, device=qs[0].device)
+    if o >= n:
+        t = sum(torch.cholesky_inverse(torch.linalg.cholesky(q.mT @ q + reg * eye_n)) for q in qs)
+        return t / len(qs)
+    # (αI + QᵀQ)⁻¹ = (I − Qᵀ (αI + QQᵀ)⁻¹ Q) / α
+    eye_o = torch.eye(o, dtype=qs[0].dtype, device=qs[0].device)
+    acc = torch.zeros(n, n, dtype=qs[0].dtype, device=qs[0].device)
+    for q in qs:
+        chol = torch.linalg.cholesky(q @ q.mT + reg * eye_o)
+        acc += q.mT @ torch.cholesky_solve(q, chol)
+    return (eye_n - acc / len(qs)) / reg
+
+
+def joint_decompose(
+    weights: Sequence[torch.Tensor],
+    reg: float = 1e-3,
+    dtype: torch.dtype | None = None,
+    name: str = "",
+) -> JointBasis:
+    """Decompose L weights (o, n) into W_i = U_i·diag(λ_i)·Vᵀ with one shared V (FROD.md §2).
+
+    Args:
+        weights: the category's frozen weights, all (o, n), same device.
+        reg: α > 0, the regulariser of step 3.
+        dtype: storage dtype of U, V, λ (default: the weights' dtype); the maths runs in float64.
+        name: category name, for the log line.
+
+    Returns:
+        a ``JointBasis`` with the per-layer relative reconstruction errors (float64 maths).
+    """
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not (0.0 < float(reg) < float("inf")):
+        raise ValueError(f"reg must be a positive finite number, got {reg!r}")
+    _check_weights(weights)
+    started = time.perf_counter()
+    dtype = dtype or weights[0].dtype
+    ws = [w.detach().to(torch.float64) for w in weights]
+
+    gram = sum(w.mT @ w for w in ws)
+    r, jitter = _cholesky_upper(gram)
+    qs = [torch.linalg.solve_triangular(r, w, upper=True, left=False) for w in ws]
+    if len(ws) == 1:
+        e = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)  # T ∝ I: E = I, V = Rᵀ, U = Q
+    else:
+        e = torch.linalg.eigh(_mean_regularised_inverse(qs, float(reg))).eigenvectors
+    v = r.mT @ e
+
+    us, lams, errors = [], [], []
+    for w, q in zip(ws, qs, strict=True):
+        b = q @ e
+        lam = torch.linalg.vector_norm(b, dim=0)
+        u = b / torch.where(lam > 0, lam, torch.ones_like(lam))
+        errors.append(float(torch.linalg.norm(w - (u * lam) @ v.mT) / torch.linalg.norm(w).clamp_min(1e-300)))
+        us.append(u.to(dtype))
+        lams.append(lam.to(dtype))
+    elapsed = time.perf_counter() - started
+    logger.info(
+        "joint_decompose %s: %d x (%d, %d) in %.2fs, max rel. error %.2e%s",
+        name or "<category>", len(ws), *ws[0].shape, elapsed, max(errors),
+        f", jitter {jitter:.1e}" if jitter else "",
+    )
+    return JointBasis(V=v.to(dtype), U=us, lam=lams, errors=errors, jitter=jitter)

@@ -1,0 +1,101 @@
+"""``frod_linear``: the functional FRoD layer, validated and dispatched (FROD.md §3, §5).
+
+This is the public entry point; it checks every input once, flattens x to (N, n), resolves the
+backend and path (``dispatch``) and calls the custom op (``ops``), whose registered autograd
+formula is the backward of FROD.md §4.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .dispatch import choose_backend, choose_path
+from .pattern import SparsePattern
+
+__all__ = ["frod_linear"]
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}, but x has dtype {dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, but x is on {device}")
+
+
+def frod_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    delta: torch.Tensor,
+    sparse_indices: torch.Tensor | SparsePattern,
+    sparse_values: torch.Tensor,
+    backend: str = "auto",
+    path: str = "auto",
+) -> torch.Tensor:
+    """y = x·(W + U·M·Vᵀ)ᵀ + b with M = diag(δ) + S, S[r_j, c_j] = s_j.
+
+    Args:
+        x: (..., n), any strides, floating point.
+        weight: (o, n) frozen base weight, or None (factored mode: δ then holds λ+δ).
+        bias: (o,) or None.
+        U: (o, n).  V: (n, n); fastest when column-major (``V.t()`` contiguous), as FRoDLinear keeps it.
+        delta: (n,).  sparse_values: (k,).  These two may be in another float dtype than x (e.g.
+            fp32 masters with a bf16 model): they are cast, and their gradients come back in
+            their own dtype.
+        sparse_indices: (2, k) int64 pattern (sorted row-major, off-diagonal), or a prebuilt
+            ``SparsePattern`` (FRoDLinear passes one so the CSR/CSC views are not rebuilt).
+        backend: 'auto' | 'torch' | 'triton'.  path: 'auto' | 'token' | 'weight'.
+
+    Returns:
+        y of shape (..., o) in x's dtype.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if U.dim() != 2:
+        raise ValueError(f"U must be 2-D (out_features, in_features), got shape {tuple(U.shape)}")
+    o, n = U.shape
+    if x.dim() == 0 or x.shape[-1] != n:
+        raise ValueError(f"x has last dimension {tuple(x.shape)[-1:]}, expected in_features = {n}")
+    dtype, device = x.dtype, x.device
+    _check("U", U, (o, n), dtype, device)
+    _check("V", V, (n, n), dtype, device)
+    if weight is not None:
+        _check("weight", weight, (o, n), dtype, device)
+    if bias is not None:
+        _check("bias", bias, (o,), dtype, device)
+    pattern = sparse_indices if isinstance(sparse_indices, SparsePattern) else (
+        SparsePattern.from_indices(sparse_indices, n)
+    )
+    if pattern.n != n:
+        raise ValueError(f"sparse pattern is for n = {pattern.n}, but in_features = {n}")
+    if pattern.indices.device != device:
+        raise ValueError(f"sparse_indices are on {pattern.indices.device}, but x is on {device}")
+    for name, t, size in (("delta", delta, n), ("sparse_values", sparse_values, pattern.k)):
+        if t.dim() != 1 or t.shape[0] != size:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({size},)")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, but x is on {device}")
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n)
+    grad = torch.is_grad_enabled()
+    needs_input_grad = grad and x.requires_grad
+    needs_param_grad = grad and (delta.requires_grad or sparse_values.requires_grad)
+    resolved_backend = choose_backend(backend, device)
+    resolved_path = choose_path(
+        path, n_rows=x2.shape[0], out_features=o, in_features=n, k=pattern.k, additive=weight is not None,
+        needs_input_grad=needs_input_grad, needs_param_grad=needs_param_grad, device_type=device.type,
+    )
+    save = needs_input_grad or needs_param_grad
+    y, _ = ops.frod_linear_forward(
+        x2, weight, bias, U, V, delta.to(dtype), sparse_values.to(dtype), *pattern,
+        resolved_path, resolved_backend, save,
+    )
+    return y.reshape(*lead, o)

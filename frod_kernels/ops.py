@@ -1,0 +1,198 @@
+r"""The FRoD layer as two custom ops with one autograd formula: the package's autograd boundary.
+
+Forward (FROD.md §3), for X (N, n), M = diag(d) + S:
+
+    Y = X·W'ᵀ + b,   W' = W + U·M·Vᵀ          (W absent in factored mode: W' = U·M·Vᵀ)
+
+Backward. With dY = ∂L/∂Y (N, o) and Y_{tp} = Σ_q X_{tq} W'_{pq} + b_p:
+
+    ∂L/∂X_{tq} = Σ_p dY_{tp} W'_{pq}                 ⇒ dX = dY·W' = dY·W + ((dY·U)·M)·Vᵀ
+    ∂L/∂b_p    = Σ_t dY_{tp}                          ⇒ db = Σ_rows dY
+    ∂L/∂M_{rc} = Σ_{t,p,q} dY_{tp} U_{pr} V_{qc} X_{tq}
+                                                      ⇒ dM = Uᵀ·dYᵀ·X·V = (dY·U)ᵀ·(X·V)
+    d_j and s_j are entries of M                     ⇒ dd_j = dM[j, j],  ds_j = dM[r_j, c_j]
+
+W, U and V are frozen: no gradient is formed for them. Both paths compute the same numbers:
+
+token space (P = dY·U, Z = X·V, all activations kept transposed (n, N), see torch_backend):
+    fwd  Zᵀ = Vᵀ·Xᵀ;  Aᵀ = M·Zᵀ;  Y = X·Wᵀ + A·Uᵀ + b           (one dual GEMM)
+    bwd  Pᵀ = Uᵀ·dYᵀ; dX = dY·W + (Mᵀ·Pᵀ)ᵀ·Vᵀ (dual GEMM);  (dd, ds) = SDDMM(Pᵀ, Zᵀ)
+    Without gradients the rotation is folded into the basis instead: Y = X·Wᵀ + (X·V·Mᵀ)·Uᵀ + b
+    with V·Mᵀ = (M·Vᵀ)ᵀ an n·(n+k) product, so no N-sized sparse work is done.
+
+weight space:
+    fwd  U·M = (Mᵀ·Uᵀ)ᵀ (sparse gather); W' = W + (U·M)·Vᵀ;  Y = X·W'ᵀ + b;  W' is kept
+    bwd  dX = dY·W';  G = dYᵀ·X;  H = Uᵀ·G;  (dd, ds) = SDDMM(H, Vᵀ)   (dM = H·V)
+
+The ops take the resolved path and backend names (see ``dispatch``); ``frod_linear`` resolves
+them, validates the inputs and flattens x. ``frod_linear_forward`` returns (Y, saved): the
+tensor the backward needs beyond X (Zᵀ for the token path, W' for the weight path), or an
+empty tensor when no gradient will be asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import get_backend
+from .pattern import SparsePattern
+
+__all__ = ["frod_linear_backward", "frod_linear_forward"]
+
+Tensor = torch.Tensor
+
+
+def _token_forward(bk, x, weight, bias, U, V, diag, values, pattern, save):
+    if not save:
+        m_vt = bk.m_matmul(V.t(), diag, values, pattern, transpose=False)  # M·Vᵀ = (V·Mᵀ)ᵀ
+        xvm = bk.dual_matmul(x, m_vt)
+        out = bk.dual_matmul(xvm, U, bias=bias) if weight is None else bk.dual_matmul(x, weight, xvm, U, bias)
+        return out, x.new_empty(0)
+    zt = bk.dual_matmul(V.t(), x)  # Zᵀ = Vᵀ·Xᵀ, (n, N)
+    at = bk.m_matmul(zt, diag, values, pattern, transpose=False)  # Aᵀ = M·Zᵀ
+    if weight is None:
+        return bk.dual_matmul(at.t(), U, bias=bias), zt
+    return bk.dual_matmul(x, weight, at.t(), U, bias), zt
+
+
+def _rotated_weight(bk, weight, U, V, diag, values, pattern):
+    """W' = W + (U·M)·Vᵀ, or U·M·Vᵀ when W is None."""
+    um = bk.m_matmul(U.t(), diag, values, pattern, transpose=True).t()  # U·M = (Mᵀ·Uᵀ)ᵀ
+    w_eff = bk.dual_matmul(um, V)
+    return w_eff if weight is None else w_eff.add_(weight)
+
+
+def _weight_forward(bk, x, weight, bias, U, V, diag, values, pattern, save):
+    w_eff = _rotated_weight(bk, weight, U, V, diag, values, pattern)
+    return bk.dual_matmul(x, w_eff, bias=bias), (w_eff if save else x.new_empty(0))
+
+
+def _token_backward(bk, dy, x, zt, weight, U, V, diag, values, pattern, need_x, need_params):
+    pt = bk.dual_matmul(U.t(), dy)  # Pᵀ = Uᵀ·dYᵀ, (n, N)
+    dx = dd = ds = None
+    if need_x:
+        qt = bk.m_matmul(pt, diag, values, pattern, transpose=True)  # (P·M)ᵀ = Mᵀ·Pᵀ
+        dx = bk.dual_matmul(qt.t(), V) if weight is None else bk.dual_matmul(dy, weight.t(), qt.t(), V)
+    if need_params:
+        if zt.numel() == 0 and x.numel() != 0:
+            zt = bk.dual_matmul(V.t(), x)
+        dd, ds = bk.sddmm(pt, zt, pattern)
+    return dx, dd, ds
+
+
+def _weight_backward(bk, dy, x, w_eff, weight, U, V, diag, values, pattern, need_x, need_params):
+    dx = dd = ds = None
+    if need_x:
+        if w_eff.numel() == 0:
+            w_eff = _rotated_weight(bk, weight, U, V, diag, values, pattern)
+        dx = bk.dual_matmul(dy, w_eff.t())
+    if need_params:
+        g = bk.dual_matmul(dy.t(), x.t())  # G = dYᵀ·X, (o, n)
+        h = bk.dual_matmul(U.t(), g.t())  # H = Uᵀ·G, (n, n)
+        dd, ds = bk.sddmm(h, V.t(), pattern)  # dM = H·V
+    return dx, dd, ds
+
+
+_FORWARD = {"token": _token_forward, "weight": _weight_forward}
+_BACKWARD = {"token": _token_backward, "weight": _weight_backward}
+
+
+@torch.library.custom_op("frod_kernels::frod_linear_forward", mutates_args=())
+def frod_linear_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    U: Tensor,
+    V: Tensor,
+    diag: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    csr_ptr: Tensor,
+    csc_ptr: Tensor,
+    csc_perm: Tensor,
+    path: str,
+    backend: str,
+    save: bool,
+) -> tuple[Tensor, Tensor]:
+    """(Y, saved) for a 2-D x (N, n); see the module docstring."""
+    pattern = SparsePattern(indices, csr_ptr, csc_ptr, csc_perm)
+    bk = get_backend(backend)
+    return _FORWARD[path](bk, x, weight, bias, U, V, diag, values, pattern, save)
+
+
+@frod_linear_forward.register_fake
+def _(x, weight, bias, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm, path, backend, save):
+    y = x.new_empty(x.shape[0], U.shape[0])
+    if not save:
+        return y, x.new_empty(0)
+    if path == "token":
+        return y, x.new_empty(V.shape[1], x.shape[0])
+    return y, x.new_empty(U.shape[0], V.shape[0])
+
+
+@torch.library.custom_op("frod_kernels::frod_linear_backward", mutates_args=())
+def frod_linear_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    saved: Tensor,
+    weight: Tensor | None,
+    U: Tensor,
+    V: Tensor,
+    diag: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    csr_ptr: Tensor,
+    csc_ptr: Tensor,
+    csc_perm: Tensor,
+    path: str,
+    backend: str,
+    need_x: bool,
+    need_params: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX, dd, ds); a gradient that is not needed comes back as an empty tensor."""
+    pattern = SparsePattern(indices, csr_ptr, csc_ptr, csc_perm)
+    bk = get_backend(backend)
+    grad_y = grad_y.contiguous()
+    dx, dd, ds = _BACKWARD[path](bk, grad_y, x, saved, weight, U, V, diag, values, pattern, need_x, need_params)
+    empty = x.new_empty(0)
+    return (
+        empty if dx is None else dx,
+        empty if dd is None else dd,
+        empty if ds is None else ds,
+    )
+
+
+@frod_linear_backward.register_fake
+def _(grad_y, x, saved, weight, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm, path, backend,
+      need_x, need_params):
+    dx = x.new_empty(x.shape) if need_x else x.new_empty(0)
+    dd = diag.new_empty(diag.shape) if need_params else x.new_empty(0)
+    ds = values.new_empty(values.shape) if need_params else x.new_empty(0)
+    return dx, dd, ds
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm, path, backend, _ = inputs
+    ctx.save_for_backward(x, output[1], weight, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm)
+    ctx.path, ctx.backend = path, backend
+
+
+def _backward(ctx, grad_y, _grad_saved):
+    x, saved, weight, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_x, need_params, need_bias = need[0], need[5] or need[6], need[2]
+    dx = dd = ds = None
+    if need_x or need_params:
+        dx, dd, ds = frod_linear_backward(
+            grad_y, x, saved, weight, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm,
+            ctx.path, ctx.backend, need_x, need_params,
+        )
+    db = grad_y.sum(0) if need_bias else None
+    return (
+        dx if need_x else None, None, db, None, None,
+        dd if need[5] else None, ds if need[6] else None,
+        None, None, None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd("frod_kernels::frod_linear_forward", _backward, setup_context=_setup_context)

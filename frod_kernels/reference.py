@@ -1,0 +1,38 @@
+"""The plain dense FRoD layer of FROD.md §3: the oracle for every correctness check.
+
+    M  = diag(δ) + S,  S[r_j, c_j] = s_j
+    W' = W + U · M · Vᵀ            (W is None in factored mode: W' = U · M · Vᵀ, δ then holds λ+δ)
+    y  = x · W'ᵀ + b
+
+Dense, unfused, differentiable by autograd in any float dtype. Keep it this short.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["frod_linear_reference", "rotation_matrix"]
+
+
+def rotation_matrix(delta: torch.Tensor, sparse_indices: torch.Tensor, sparse_values: torch.Tensor) -> torch.Tensor:
+    """Dense M = diag(δ) + S (n × n), differentiable in δ and s."""
+    s = torch.zeros(delta.shape[0], delta.shape[0], dtype=delta.dtype, device=delta.device)
+    s = s.index_put((sparse_indices[0], sparse_indices[1]), sparse_values.to(delta.dtype))
+    return torch.diag(delta) + s
+
+
+def frod_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    delta: torch.Tensor,
+    sparse_indices: torch.Tensor,
+    sparse_values: torch.Tensor,
+) -> torch.Tensor:
+    """y = x · (W + U·M·Vᵀ)ᵀ + b for x of shape (..., n); returns (..., o)."""
+    delta_weight = U @ rotation_matrix(delta, sparse_indices, sparse_values) @ V.mT
+    w_eff = delta_weight if weight is None else weight + delta_weight
+    y = x @ w_eff.mT
+    return y if bias is None else y + bias
