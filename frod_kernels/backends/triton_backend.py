@@ -361,6 +361,10 @@ def m_matmul(
     out = torch.empty((n, R), dtype=b.dtype, device=b.device)
     if R == 0:
         return out
+    if b.stride(1) != 1:
+        # Each program gathers whole rows of b: coalesced only when rows are contiguous. The copy
+        # is O(n·R), the same order as the product itself.
+        b = b.contiguous()
     if transpose:
         ptr, idx, perm = pattern.csc_ptr, pattern.indices[0], pattern.csc_perm
     else:
