@@ -154,12 +154,8 @@ def frod_linear_backward(
     bk = get_backend(backend)
     grad_y = grad_y.contiguous()
     dx, dd, ds = _BACKWARD[path](bk, grad_y, x, saved, weight, U, V, diag, values, pattern, need_x, need_params)
-    empty = x.new_empty(0)
-    return (
-        empty if dx is None else dx,
-        empty if dd is None else dd,
-        empty if ds is None else ds,
-    )
+    # Custom-op outputs may not alias each other: one fresh empty tensor per missing gradient.
+    return tuple(x.new_empty(0) if g is None else g for g in (dx, dd, ds))
 
 
 @frod_linear_backward.register_fake

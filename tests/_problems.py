@@ -1,0 +1,47 @@
+"""Shared test fixtures: random FRoD problems with non-zero δ and s."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from frod_kernels.pattern import SparsePattern, sample_sparse_pattern
+
+
+@dataclass
+class Problem:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    U: torch.Tensor
+    V: torch.Tensor
+    delta: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def pattern(self) -> SparsePattern:
+        return SparsePattern.from_indices(self.indices, self.V.shape[0])
+
+
+def make_problem(
+    lead: tuple[int, ...], o: int, n: int, rate: float = 0.1, dtype: torch.dtype = torch.float64, seed: int = 0,
+) -> Problem:
+    """Random layer and input; δ and s are non-zero and require grad, x requires grad."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    indices = sample_sparse_pattern(n, rate, seed)
+    return Problem(
+        x=rnd(*lead, n).requires_grad_(),
+        weight=rnd(o, n, scale=n**-0.5),
+        bias=rnd(o),
+        U=rnd(o, n, scale=n**-0.5),
+        V=rnd(n, n, scale=n**-0.5),
+        delta=rnd(n, scale=0.5).requires_grad_(),
+        indices=indices,
+        values=rnd(indices.shape[1], scale=0.5).requires_grad_(),
+    )

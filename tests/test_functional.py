@@ -1,0 +1,163 @@
+"""frod_linear (both paths, both backends) against the dense reference of FROD.md §3."""
+
+import pytest
+import torch
+
+from frod_kernels import frod_linear
+from frod_kernels.reference import frod_linear_reference
+
+from _problems import make_problem
+
+BACKENDS = ["torch", "triton"]
+PATHS = ["token", "weight"]
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """2-D, 3-D, or a non-contiguous 3-D view of the same values."""
+    if layout == "2d":
+        return x.detach().reshape(-1, x.shape[-1]).requires_grad_()
+    if layout == "3d":
+        return x.detach().clone().requires_grad_()
+    # Transposed storage: x[b, t, :] lives at a stride that is not contiguous.
+    base = x.detach().transpose(0, 1).contiguous().transpose(0, 1)
+    assert not base.is_contiguous()
+    return base.requires_grad_()
+
+
+def _grads(y, inputs, gy):
+    return torch.autograd.grad(y, inputs, gy, allow_unused=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", ["2d", "3d", "strided"])
+@pytest.mark.parametrize("additive", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_forward_and_grads_match_reference_float64(backend, path, layout, additive, with_bias):
+    p = make_problem((3, 7), o=19, n=13, rate=0.15, seed=hash((path, layout)) % 1000)
+    x = _layout(p.x, layout)
+    w = p.weight if additive else None
+    b = p.bias.clone().requires_grad_() if with_bias else None
+    y = frod_linear(x, w, b, p.U, p.V, p.delta, p.indices, p.values, backend=backend, path=path)
+    ref = frod_linear_reference(x, w, b, p.U, p.V, p.delta, p.indices, p.values)
+    assert y.shape == ref.shape == (*x.shape[:-1], 19)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    inputs = [x, p.delta, p.values] + ([b] if with_bias else [])
+    for got, want in zip(_grads(y, inputs, gy), _grads(ref, inputs, gy), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
+def test_grads_match_autograd_reference_float32(backend, path):
+    p = make_problem((37,), o=41, n=29, rate=0.1, dtype=torch.float32, seed=3)
+    b = p.bias.clone().requires_grad_()
+    y = frod_linear(p.x, p.weight, b, p.U, p.V, p.delta, p.indices, p.values, backend=backend, path=path)
+    ref = frod_linear_reference(p.x, p.weight, b, p.U, p.V, p.delta, p.indices, p.values)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    gy = torch.randn_like(y)
+    inputs = [p.x, p.delta, p.values, b]
+    for got, want in zip(_grads(y, inputs, gy), _grads(ref, inputs, gy), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("additive", [True, False])
+def test_torch_paths_realistic_size(path, additive):
+    p = make_problem((300,), o=200, n=256, rate=0.01, seed=11)
+    w = p.weight if additive else None
+    y = frod_linear(p.x, w, p.bias, p.U, p.V, p.delta, p.indices, p.values, backend="torch", path=path)
+    ref = frod_linear_reference(p.x, w, p.bias, p.U, p.V, p.delta, p.indices, p.values)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    gy = torch.randn_like(y)
+    inputs = [p.x, p.delta, p.values]
+    for got, want in zip(_grads(y, inputs, gy), _grads(ref, inputs, gy), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "backend,path,shape",
+    [("torch", "token", (4, 9, 7)), ("torch", "weight", (4, 9, 7)), ("triton", "token", (3, 5, 4)),
+     ("triton", "weight", (3, 5, 4))],
+)
+@pytest.mark.parametrize("additive", [True, False])
+def test_gradcheck_float64(backend, path, shape, additive):
+    n_rows, o, n = shape
+    p = make_problem((n_rows,), o=o, n=n, rate=0.3, seed=5)
+    b = p.bias.clone().requires_grad_()
+    w = p.weight if additive else None
+
+    def f(x, delta, values, bias):
+        return frod_linear(x, w, bias, p.U, p.V, delta, p.indices, values, backend=backend, path=path)
+
+    assert torch.autograd.gradcheck(f, (p.x, p.delta, p.values, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rate", [0.0, 0.2])
+def test_no_grad_and_partial_grads(backend, path, rate):
+    """No-grad forward (folded basis on the token path), x-only and params-only gradients."""
+    p = make_problem((11,), o=10, n=9, rate=rate, seed=8)
+    args = (p.weight, p.bias, p.U, p.V, p.delta, p.indices, p.values)
+    ref = frod_linear_reference(p.x, *args)
+    with torch.no_grad():
+        y = frod_linear(p.x, *args, backend=backend, path=path)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(ref)
+    want_x, want_d, want_s = _grads(ref, [p.x, p.delta, p.values], gy)
+
+    x_only = frod_linear(p.x, p.weight, p.bias, p.U, p.V, p.delta.detach(), p.indices, p.values.detach(),
+                         backend=backend, path=path)
+    torch.testing.assert_close(_grads(x_only, [p.x], gy)[0], want_x, rtol=1e-12, atol=1e-12)
+    params_only = frod_linear(p.x.detach(), *args, backend=backend, path=path)
+    got_d, got_s = _grads(params_only, [p.delta, p.values], gy)
+    torch.testing.assert_close(got_d, want_d, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_s, want_s, rtol=1e-12, atol=1e-12)
+    assert got_s.shape == (p.indices.shape[1],)
+
+
+def test_fp32_master_parameters_with_lower_precision_input():
+    p = make_problem((6,), o=8, n=8, rate=0.2, dtype=torch.float64, seed=9)
+    delta32 = p.delta.detach().float().requires_grad_()
+    values32 = p.values.detach().float().requires_grad_()
+    y = frod_linear(p.x, p.weight, p.bias, p.U, p.V, delta32, p.indices, values32)
+    assert y.dtype == torch.float64
+    y.sum().backward()
+    assert delta32.grad.dtype == torch.float32 and values32.grad.dtype == torch.float32
+
+
+def test_empty_batch():
+    p = make_problem((0,), o=5, n=4, seed=1)
+    for path in PATHS:
+        y = frod_linear(p.x, p.weight, p.bias, p.U, p.V, p.delta, p.indices, p.values, path=path)
+        assert y.shape == (0, 5)
+        y.sum().backward()
+        assert p.delta.grad is not None and torch.equal(p.delta.grad, torch.zeros_like(p.delta))
+        p.delta.grad = None
+
+
+def test_input_validation():
+    p = make_problem((3,), o=5, n=4, seed=1)
+    args = [p.x, p.weight, p.bias, p.U, p.V, p.delta, p.indices, p.values]
+
+    def call(i, value, match, exc=ValueError, **kw):
+        bad = list(args)
+        bad[i] = value
+        with pytest.raises(exc, match=match):
+            frod_linear(*bad, **kw)
+
+    call(0, torch.randn(3, 5, dtype=torch.float64), "last dimension")
+    call(0, torch.randn(3, 4, dtype=torch.float32), "dtype", TypeError)
+    call(0, torch.ones(3, 4, dtype=torch.int64), "floating-point", TypeError)
+    call(1, torch.randn(5, 3, dtype=torch.float64), "weight has shape")
+    call(2, torch.randn(4, dtype=torch.float64), "bias has shape")
+    call(4, torch.randn(4, 4, dtype=torch.float64, device="meta"), "V is on meta")
+    call(5, torch.randn(3, dtype=torch.float64), "delta has shape")
+    call(7, torch.randn(p.values.shape[0] + 1, dtype=torch.float64), "sparse_values has shape")
+    call(6, torch.tensor([[1], [1]]), "off-diagonal")
+    with pytest.raises(ValueError, match="backend"):
+        frod_linear(*args, backend="cuda")
+    with pytest.raises(ValueError, match="path"):
+        frod_linear(*args, path="fused")
