@@ -55,6 +55,10 @@ def load_frod_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             raise ValueError(
                 f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, the model's {tuple(params[name].shape)}"
             )
+        if not tensor.is_floating_point():
+            raise TypeError(f"adapter tensor {name!r} has dtype {tensor.dtype}, expected a floating-point dtype")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"adapter tensor {name!r} holds NaN or Inf; refusing to load it")
     with torch.no_grad():
         for name, tensor in state_dict.items():
             params[name].copy_(tensor)
@@ -94,9 +98,18 @@ def save_frod(model: nn.Module, path: str | os.PathLike, seed: int | None = None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        _fsync(tmp)  # the bytes are on disk before the rename makes them the adapter
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
@@ -115,12 +128,19 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         raise ValueError(f"{path} is a safetensors file but not a FRoD adapter (no '{_FORMAT}' metadata)")
     if metadata.get("version") != _VERSION:
         raise ValueError(f"{path} has adapter format version {metadata.get('version')!r}; this reads {_VERSION!r}")
-    return tensors, json.loads(metadata["config"]), json.loads(metadata["categories"])
+    try:
+        return tensors, json.loads(metadata["config"]), json.loads(metadata["categories"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} has damaged FRoD metadata (config/categories): {exc}") from exc
 
 
-def load_frod(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None) -> nn.Module:
     """Load an adapter into ``model``: a base model (FRoD is applied from the file's config) or
     a model that already has the same FRoD layers. Returns the model.
+
+    δ means the same in both modes (λ' = λ + δ), so an adapter saved in one mode loads into a
+    model in the other; ``mode`` picks the mode when FRoD is applied to a base model (default:
+    the mode it was saved in).
     """
     path = Path(path)
     tensors, config, cats = _read(path)
@@ -128,9 +148,8 @@ def load_frod(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if config.get("seed") is None:
             raise ValueError(f"{path} was saved without the base seed; apply_frod to the model first")
         targets = [name for cat in cats.values() for name in cat["layers"]]
-        modes = {cat["mode"] for cat in cats.values()}
         apply_frod(model, targets, sparse_rate=config["sparse_rate"], seed=config["seed"], reg=config["reg"],
-                   mode=modes.pop())
+                   mode=mode or config["mode"])
     have = _categories(model)
     for cat, want in cats.items():
         got = have.get(cat)

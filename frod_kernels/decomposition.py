@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["JointBasis", "joint_decompose"]
+__all__ = ["JointBasis", "joint_decompose", "validate_reg"]
 
 logger = logging.getLogger("frod_kernels")
 
@@ -52,6 +52,15 @@ class JointBasis:
 
     def __len__(self) -> int:
         return len(self.U)
+
+
+def validate_reg(reg: float) -> float:
+    """Return ``reg`` (α of step 3) as a float if it is a positive finite number, else raise."""
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)):
+        raise TypeError(f"reg must be a number, got {type(reg).__name__}")
+    if not 0.0 < float(reg) < float("inf"):
+        raise ValueError(f"reg must be a positive finite number, got {reg!r}")
+    return float(reg)
 
 
 def _check_weights(weights: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -120,8 +129,7 @@ def joint_decompose(
     Returns:
         a ``JointBasis`` with the per-layer relative reconstruction errors (float64 maths).
     """
-    if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not (0.0 < float(reg) < float("inf")):
-        raise ValueError(f"reg must be a positive finite number, got {reg!r}")
+    reg = validate_reg(reg)
     _check_weights(weights)
     started = time.perf_counter()
     dtype = dtype or weights[0].dtype
@@ -133,7 +141,7 @@ def joint_decompose(
     if len(ws) == 1:
         e = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)  # T ∝ I: E = I, V = Rᵀ, U = Q
     else:
-        e = torch.linalg.eigh(_mean_regularised_inverse(qs, float(reg))).eigenvectors
+        e = torch.linalg.eigh(_mean_regularised_inverse(qs, reg)).eigenvectors
     v = r.mT @ e
 
     us, lams, errors = [], [], []

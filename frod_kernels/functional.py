@@ -1,11 +1,20 @@
 """``frod_linear``: the functional FRoD layer, validated and dispatched (FROD.md §3, §5).
 
-This is the public entry point; it checks every input once, flattens x to (N, n), resolves the
-backend and path (``dispatch``) and calls the custom op (``ops``), whose registered autograd
-formula is the backward of FROD.md §4.
+This is the public entry point; it applies autocast, checks every input once, flattens x to
+(N, n), resolves the backend and path (``dispatch``) and calls the custom op (``ops``), whose
+registered autograd formula is the backward of FROD.md §4.
+
+Autocast: custom ops have no autocast kernel, so ``frod_linear`` does what autocast does for
+``nn.Linear`` before calling the op: every floating-point input except float64 is cast to the
+autocast dtype of x's device (float64 is left alone, as autocast leaves it), the op runs with
+autocast off (its internal products are already in that dtype and accumulate in fp32), and y
+comes back in the autocast dtype. The casts of δ and s are differentiable, so fp32 masters
+receive fp32 gradients.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -17,12 +26,31 @@ __all__ = ["frod_linear"]
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
     if t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype}, but x has dtype {dtype}")
+        raise TypeError(
+            f"{name} has dtype {t.dtype}, but x has dtype {dtype} (convert the layer with .to(dtype) "
+            f"or run under torch.autocast)"
+        )
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, but x is on {device}")
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype active for ``device``'s type, or None when autocast is off there."""
+    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _autocast_cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Cast ``t`` as autocast would for a lower-precision op: floating point but not float64."""
+    if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
+        return t
+    return t.to(dtype)
 
 
 def frod_linear(
@@ -52,10 +80,15 @@ def frod_linear(
         backend: 'auto' | 'torch' | 'triton'.  path: 'auto' | 'token' | 'weight'.
 
     Returns:
-        y of shape (..., o) in x's dtype.
+        y of shape (..., o) in x's dtype, or in the autocast dtype inside ``torch.autocast``.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(U, torch.Tensor):
+        raise TypeError(f"U must be a tensor, got {type(U).__name__}")
+    amp_dtype = _autocast_dtype(x.device)
+    if amp_dtype is not None:
+        x, weight, bias, U, V = (_autocast_cast(t, amp_dtype) for t in (x, weight, bias, U, V))
     if U.dim() != 2:
         raise ValueError(f"U must be 2-D (out_features, in_features), got shape {tuple(U.shape)}")
     o, n = U.shape
@@ -76,6 +109,8 @@ def frod_linear(
     if pattern.indices.device != device:
         raise ValueError(f"sparse_indices are on {pattern.indices.device}, but x is on {device}")
     for name, t, size in (("delta", delta, n), ("sparse_values", sparse_values, pattern.k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 1 or t.shape[0] != size:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({size},)")
         if not t.is_floating_point():
@@ -94,8 +129,9 @@ def frod_linear(
         needs_input_grad=needs_input_grad, needs_param_grad=needs_param_grad, device_type=device.type,
     )
     save = needs_input_grad or needs_param_grad
-    y, _ = ops.frod_linear_forward(
-        x2, weight, bias, U, V, delta.to(dtype), sparse_values.to(dtype), *pattern,
-        resolved_path, resolved_backend, save,
-    )
+    with torch.autocast(device.type, enabled=False) if amp_dtype is not None else contextlib.nullcontext():
+        y, _ = ops.frod_linear_forward(
+            x2, weight, bias, U, V, delta.to(dtype), sparse_values.to(dtype), *pattern,
+            resolved_path, resolved_backend, save,
+        )
     return y.reshape(*lead, o)

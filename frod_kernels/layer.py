@@ -11,7 +11,11 @@ base weights (bit-identically on the same machine), so neither ``state_dict()`` 
 file carries them.
 
 Modes (FROD.md §6): ``additive`` keeps W and adds U·M·Vᵀ; ``factored`` drops W and computes with
-U·(diag(λ+δ) + S)·Vᵀ, halving the frozen memory at the cost of the decomposition's rounding.
+U·(diag(λ+δ) + S)·Vᵀ, halving the frozen memory at the cost of the decomposition's rounding. δ means
+the same in both modes (λ' = λ + δ), so an adapter trained in one mode loads into the other. An
+unmerged factored layer stores no weight; its ``weight`` attribute is a ``FactoredWeight`` that
+answers ``shape``/``dtype``/``device`` (code written for ``nn.Linear`` reads those) and refuses to
+be used as a tensor.
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .decomposition import joint_decompose
+from .decomposition import joint_decompose, validate_reg
 from .dispatch import BACKENDS, PATHS
 from .functional import frod_linear
 from .pattern import SparsePattern, sample_sparse_pattern, validate_sparse_rate
 from .reference import rotation_matrix
 
-__all__ = ["MODES", "FRoDBasis", "FRoDLinear"]
+__all__ = ["MODES", "FRoDBasis", "FRoDLinear", "FactoredWeight"]
 
 MODES = ("additive", "factored")
 
@@ -61,12 +65,44 @@ class FRoDBasis(nn.Module):
         return f"name={self.name!r}, n={self.n}, k={self.k}, sparse_rate={self.sparse_rate}, seed={self.seed}"
 
 
+class FactoredWeight:
+    """Stands in for ``weight`` of an unmerged factored layer: metadata of the (o, n) weight, no data.
+
+    ``shape``, ``size()``, ``dim()``, ``dtype``, ``device`` and ``requires_grad`` answer as the base
+    weight would; passing it to a torch function raises a TypeError (there are no values to read:
+    use ``FRoDLinear.effective_weight()``, or ``merge()`` to materialise W').
+    """
+
+    requires_grad = False
+    ndim = 2
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> None:
+        self.shape, self.dtype, self.device = torch.Size(shape), dtype, device
+
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return self.ndim
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise TypeError(
+            f"{getattr(func, '__name__', func)}: a factored FRoDLinear stores no weight tensor; use "
+            f"effective_weight() for W' or merge() to materialise it"
+        )
+
+    def __repr__(self) -> str:
+        return f"FactoredWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
 class FRoDLinear(nn.Module):
     """y = x·(W + U·(diag(δ)+S)·Vᵀ)ᵀ + b; build it with ``FRoDLinear.from_linear``.
 
-    Attributes as ``nn.Linear``: ``in_features`` (n), ``out_features`` (o), ``weight`` (o, n; None
-    in factored mode while unmerged), ``bias``. Also ``backend`` and ``path`` (see ``frod_linear``),
-    settable at any time, and ``merged``.
+    Attributes as ``nn.Linear``: ``in_features`` (n), ``out_features`` (o), ``weight`` (o, n; a
+    ``FactoredWeight`` in factored mode while unmerged), ``bias``. Also ``backend`` and ``path`` (see
+    ``frod_linear``), settable at any time, ``merged``, and ``base_class``: the class of the module
+    this layer replaced (``nn.Linear``, or transformers' ``Conv1D``), which ``unload_frod`` gives back.
     """
 
     def __init__(
@@ -90,14 +126,16 @@ class FRoDLinear(nn.Module):
                 f"basis does not fit a ({o}, {n}) weight: U {tuple(U.shape)}, lam {tuple(lam.shape)}, "
                 f"V ({basis.n}, {basis.n})"
             )
+        if param_dtype is not None and not param_dtype.is_floating_point:
+            raise TypeError(f"param_dtype must be a floating-point dtype, got {param_dtype}")
         self.in_features, self.out_features, self.mode = n, o, mode
         self.backend, self.path = backend, path
         self.merged = False
+        self.base_class: type[nn.Module] = nn.Linear
         self._unmerged_weight: torch.Tensor | None = None
         dtype = weight.dtype
-        self.weight: nn.Parameter | None = (
-            nn.Parameter(weight.detach(), requires_grad=False) if mode == "additive" else None
-        )
+        if mode == "additive":
+            self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.register_buffer("U", U.detach().to(device=weight.device, dtype=dtype), persistent=False)
         self.register_buffer("lam", lam.detach().to(device=weight.device, dtype=dtype), persistent=False)
@@ -112,6 +150,13 @@ class FRoDLinear(nn.Module):
         if name == "path" and value not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {value!r}")
         super().__setattr__(name, value)
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: in factored mode 'weight' is not a parameter
+        # until merge() registers one.
+        if name == "weight" and "weight" not in self.__dict__.get("_parameters", {"weight": None}):
+            return FactoredWeight((self.out_features, self.in_features), self.U.dtype, self.U.device)
+        return super().__getattr__(name)
 
     @classmethod
     def from_linear(
@@ -140,6 +185,7 @@ class FRoDLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         sparse_rate = validate_sparse_rate(sparse_rate)
+        reg = validate_reg(reg)
         weight = linear.weight
         if basis is None:
             jb = joint_decompose([weight], reg=reg)
@@ -162,6 +208,12 @@ class FRoDLinear(nn.Module):
     def sparse_rate(self) -> float:
         return self.basis.sparse_rate
 
+    def _base_weight(self) -> torch.Tensor | None:
+        """The frozen base W (o, n), None in factored mode (whether merged or not)."""
+        if self.mode == "factored":
+            return None
+        return self._unmerged_weight if self.merged else self.weight
+
     def _diag(self) -> torch.Tensor:
         """The diagonal of M as the kernels see it: δ, or λ+δ in factored mode."""
         return self.delta if self.mode == "additive" else self.lam + self.delta
@@ -177,15 +229,14 @@ class FRoDLinear(nn.Module):
         f64 = torch.float64
         m = rotation_matrix(self._diag().to(f64), self.basis.indices, self.sparse_values.to(f64))
         w = self.U.to(f64) @ m @ self.basis.V.to(f64).mT
-        if self.mode == "additive":
-            w = w + (self._unmerged_weight if self.merged else self.weight).to(f64)
-        return w.to(self.U.dtype)
+        base = self._base_weight()
+        return (w if base is None else w + base.to(f64)).to(self.U.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
         return frod_linear(
-            x, self.weight, self.bias, self.U, self.basis.V, self._diag(), self.basis.pattern,
+            x, self._base_weight(), self.bias, self.U, self.basis.V, self._diag(), self.basis.pattern,
             self.sparse_values, backend=self.backend, path=self.path,
         )
 
@@ -203,10 +254,11 @@ class FRoDLinear(nn.Module):
         w_eff = self.effective_weight()
         if safe and not bool(torch.isfinite(w_eff).all()):
             raise ValueError("merge refused: the merged weight would hold NaN or Inf (check delta and sparse_values)")
-        self._unmerged_weight = None if self.weight is None else self.weight.data
-        if self.weight is None:
-            self.weight = nn.Parameter(w_eff, requires_grad=False)
+        if self.mode == "factored":
+            # Registered directly: register_parameter would see the FactoredWeight stand-in.
+            self._parameters["weight"] = nn.Parameter(w_eff, requires_grad=False)
         else:
+            self._unmerged_weight = self.weight.data
             self.weight.data = w_eff
         self.merged = True
 
@@ -215,8 +267,8 @@ class FRoDLinear(nn.Module):
         """Undo ``merge``: the original weight object's data comes back untouched."""
         if not self.merged:
             return
-        if self._unmerged_weight is None:
-            self.weight = None
+        if self.mode == "factored":
+            del self._parameters["weight"]
         else:
             self.weight.data = self._unmerged_weight
         self._unmerged_weight = None
@@ -231,7 +283,7 @@ class FRoDLinear(nn.Module):
         if merge:
             w = self.weight.data if self.merged else self.effective_weight()
         elif self.mode == "additive":
-            w = self._unmerged_weight if self.merged else self.weight.data
+            w = self._base_weight().data
         else:
             w = ((self.U.double() * self.lam.double()) @ self.basis.V.double().mT).to(self.U.dtype)
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")

@@ -5,6 +5,12 @@ A category is the set of layers with the same full module path once the layer in
 ``encoder.layer.*.attention.self.query``, so encoder/decoder or text/vision towers stay apart.
 Each category gets one joint decomposition (one shared V) and one sparse pattern Ω, drawn from a
 seed derived from the user's seed and the category name.
+
+Targets are ``nn.Linear`` modules or transformers' ``Conv1D`` (GPT-2 style: y = x·Wc + b with Wc
+stored (in, out)). A Conv1D is seen through an ``nn.Linear`` whose weight is the view Wcᵀ (no
+copy), so y = x·(Wcᵀ)ᵀ + b is the same product and the FRoD layer is exact at init; the FRoD layer
+remembers the class (``base_class``) and ``unload_frod`` gives back a Conv1D again, with W'ᵀ
+stored contiguously, so the unloaded model has the original architecture and checkpoint layout.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .decomposition import joint_decompose
+from .decomposition import joint_decompose, validate_reg
 from .layer import MODES, FRoDBasis, FRoDLinear
-from .pattern import sample_sparse_pattern, validate_sparse_rate
+from .pattern import sample_sparse_pattern, validate_seed, validate_sparse_rate
 
 __all__ = [
     "FRoDSummary",
@@ -42,8 +48,12 @@ _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 
 
 def category_name(module_name: str) -> str:
-    """The module path with every numeric path component replaced by ``*``."""
-    return _LAYER_INDEX.sub("*", module_name)
+    """The module path with its first numeric component (the layer index) replaced by ``*``.
+
+    Later numeric components name a role inside the block (T5's ``block.3.layer.1.DenseReluDense``,
+    a nested ``Sequential``), so they stay: ``encoder.block.*.layer.1.DenseReluDense.wi``.
+    """
+    return _LAYER_INDEX.sub("*", module_name, count=1)
 
 
 def category_seed(seed: int, category: str) -> int:
@@ -100,21 +110,48 @@ def _matcher(target_modules: str | Sequence[str]):
     return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
 
 
-def _find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> dict[str, list[tuple[str, nn.Linear]]]:
+def _conv1d_class() -> type[nn.Module] | None:
+    """transformers' ``Conv1D`` if transformers is already imported (a model using it imports it)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` itself if it is an nn.Linear; for a Conv1D, an nn.Linear whose weight is Wcᵀ (a view)."""
+    if type(module) is nn.Linear:
+        return module
+    linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().t(), requires_grad=module.weight.requires_grad)
+    linear.bias = module.bias
+    return linear
+
+
+def _from_linear(linear: nn.Linear, cls: type[nn.Module]) -> nn.Module:
+    """Inverse of ``_as_linear``: ``linear`` itself, or a Conv1D holding Wᵀ (contiguous) and the bias."""
+    if cls is nn.Linear:
+        return linear
+    conv = cls(linear.out_features, linear.in_features)
+    conv.weight = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=linear.weight.requires_grad)
+    conv.bias = linear.bias
+    return conv.to(linear.weight.device)
+
+
+def _find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> dict[str, list[tuple[str, nn.Module]]]:
     matches = _matcher(target_modules)
-    groups: dict[str, list[tuple[str, nn.Linear]]] = {}
+    conv1d = _conv1d_class()
+    groups: dict[str, list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules():
         if not name or not matches(name):
             continue
         if isinstance(module, FRoDLinear):
             raise ValueError(f"module {name!r} is already a FRoDLinear (apply_frod was applied before)")
-        if type(module) is not nn.Linear:
-            raise TypeError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear")
+        if type(module) is not nn.Linear and (conv1d is None or type(module) is not conv1d):
+            raise TypeError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear or transformers Conv1D")
         groups.setdefault(category_name(name), []).append((name, module))
     if not groups:
         raise ValueError(f"target_modules {target_modules!r} matched no module of the model")
     for cat, members in groups.items():
-        shapes = {tuple(m.weight.shape) for _, m in members}
+        shapes = {tuple(_as_linear(m).weight.shape) for _, m in members}
         if len(shapes) > 1:
             raise ValueError(f"category {cat!r} mixes weight shapes {sorted(shapes)}; give narrower targets")
     return groups
@@ -142,7 +179,7 @@ def apply_frod(
     param_dtype: torch.dtype | None = None,
     verbose: bool = False,
 ) -> FRoDSummary:
-    """Replace the targeted ``nn.Linear`` modules of ``model`` in place by ``FRoDLinear``.
+    """Replace the targeted ``nn.Linear`` (or ``Conv1D``) modules of ``model`` in place by ``FRoDLinear``.
 
     Args:
         target_modules: a regex (full match on the module name) or a list of name suffixes.
@@ -155,6 +192,7 @@ def apply_frod(
     Returns a summary of the categories, layers and trainable count.
     """
     sparse_rate = validate_sparse_rate(sparse_rate)
+    seed, reg = validate_seed(seed), validate_reg(reg)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     groups = _find_targets(model, target_modules)
@@ -163,7 +201,8 @@ def apply_frod(
     summary = FRoDSummary()
     for i, (cat, members) in enumerate(groups.items()):
         started = time.perf_counter()
-        weights = [m.weight for _, m in members]
+        linears = [_as_linear(m) for _, m in members]
+        weights = [lin.weight for lin in linears]
         jb = joint_decompose(weights, reg=reg, name=cat)
         o, n = weights[0].shape
         cseed = category_seed(seed, cat)
@@ -172,11 +211,12 @@ def apply_frod(
         )
         basis.fingerprint = weight_fingerprint(weights)
         basis.layer_names = [name for name, _ in members]
-        for (name, module), U, lam in zip(members, jb.U, jb.lam, strict=True):
+        for (name, module), linear, U, lam in zip(members, linears, jb.U, jb.lam, strict=True):
             layer = FRoDLinear.from_linear(
-                module, basis=(U, jb.V, lam), shared=basis, mode=mode, backend=backend, path=path,
+                linear, basis=(U, jb.V, lam), shared=basis, mode=mode, backend=backend, path=path,
                 param_dtype=param_dtype,
             )
+            layer.base_class = type(module)
             _replace(model, name, layer)
         summary.categories[cat] = {
             "layers": basis.layer_names, "out_features": o, "in_features": n, "k": basis.k,
@@ -215,9 +255,12 @@ def unmerge_frod(model: nn.Module) -> None:
 
 
 def unload_frod(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Give back plain ``nn.Linear`` modules (with W' if ``merge``, else the base weights)."""
+    """Give back the replaced modules' classes (``nn.Linear``/``Conv1D``) with W' if ``merge``, else W.
+
+    In factored mode W is rebuilt as U·diag(λ)·Vᵀ (exact up to the decomposition's rounding).
+    """
     for name, layer in frod_layers(model).items():
-        _replace(model, name, layer.to_linear(merge=merge))
+        _replace(model, name, _from_linear(layer.to_linear(merge=merge), layer.base_class))
     return model
 
 

@@ -19,7 +19,10 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["SparsePattern", "num_sparse_entries", "sample_sparse_pattern", "validate_sparse_rate"]
+__all__ = [
+    "SparsePattern", "check_pattern", "num_sparse_entries", "sample_sparse_pattern", "validate_seed",
+    "validate_sparse_rate",
+]
 
 # Below this many off-diagonal slots a full random permutation is cheaper than rejection.
 _PERMUTATION_LIMIT = 1 << 22
@@ -35,7 +38,8 @@ def validate_sparse_rate(sparse_rate: float) -> float:
     return rate
 
 
-def _validate_seed(seed: int) -> int:
+def validate_seed(seed: int) -> int:
+    """Return ``seed`` if it is an int in [0, 2**63) (the range a torch.Generator takes), else raise."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if not 0 <= seed < 2**63:
@@ -83,7 +87,7 @@ def sample_sparse_pattern(n: int, sparse_rate: float, seed: int = 0) -> torch.Te
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     k = num_sparse_entries(n, sparse_rate)
-    gen = torch.Generator(device="cpu").manual_seed(_validate_seed(seed))
+    gen = torch.Generator(device="cpu").manual_seed(validate_seed(seed))
     linear = _sample_without_replacement(n * (n - 1), k, gen)
     # Slot ℓ of row r skips the diagonal: c' = ℓ mod (n−1), c = c' + (c' ≥ r). The map is
     # monotone, so sorted slots give row-major sorted (row, col).
@@ -145,9 +149,22 @@ def check_pattern(indices: torch.Tensor, n: int) -> None:
         return
     rows, cols = indices[0], indices[1]
     if int(indices.min()) < 0 or int(indices.max()) >= n:
-        raise ValueError(f"sparse_indices out of range for an {n} x {n} matrix")
+        raise ValueError(
+            f"sparse_indices out of range for an {n} x {n} matrix (min {int(indices.min())}, max {int(indices.max())})"
+        )
     if bool((rows == cols).any()):
-        raise ValueError("sparse_indices must be off-diagonal (the diagonal is delta's)")
+        j = int((rows == cols).nonzero()[0])
+        raise ValueError(
+            f"sparse_indices must be off-diagonal (the diagonal is delta's): entry {j} is "
+            f"({int(rows[j])}, {int(cols[j])})"
+        )
     linear = rows * n + cols
-    if indices.shape[1] > 1 and not bool((linear[1:] > linear[:-1]).all()):
-        raise ValueError("sparse_indices must be sorted row-major without duplicates")
+    step = linear[1:] - linear[:-1]
+    if bool((step == 0).any()):
+        j = int((step == 0).nonzero()[0])
+        raise ValueError(
+            f"sparse_indices must be sorted row-major without duplicates: ({int(rows[j])}, {int(cols[j])}) "
+            f"is duplicated"
+        )
+    if bool((step < 0).any()):
+        raise ValueError("sparse_indices must be sorted row-major without duplicates: they are out of order")
