@@ -128,7 +128,9 @@ def _accumulate_product(
     return acc
 
 
-@triton.autotune(configs=_DUAL_CONFIGS, key=["R", "C", "K1", "K2"])
+# Tuned per power-of-two bucket of the sizes, not per exact size: the row count N changes from
+# batch to batch (and is the reduction length of G = dYᵀ·X), and every new key costs a full tune.
+@triton.autotune(configs=_DUAL_CONFIGS, key=["R_KEY", "C_KEY", "K1_KEY", "K2_KEY"])
 @triton.jit
 def _dual_matmul_kernel(
     a1,
@@ -152,6 +154,10 @@ def _dual_matmul_kernel(
     stride_bias,
     stride_or,
     stride_oc,
+    R_KEY,
+    C_KEY,
+    K1_KEY,
+    K2_KEY,
     HAS_SECOND: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -280,6 +286,7 @@ def dual_matmul(
             bias.stride(0) if has_bias else 0,
             out.stride(0),
             out.stride(1),
+            *(triton.next_power_of_2(max(size, 1)) for size in (R, C, K1, a2.shape[1] if has_second else 0)),
             HAS_SECOND=has_second,
             HAS_BIAS=has_bias,
             ACC_DTYPE=_acc_dtype(a1.dtype),
