@@ -101,13 +101,14 @@ def frod_linear(
         _check("weight", weight, (o, n), dtype, device)
     if bias is not None:
         _check("bias", bias, (o,), dtype, device)
+    indices = sparse_indices.indices if isinstance(sparse_indices, SparsePattern) else sparse_indices
+    if isinstance(indices, torch.Tensor) and indices.device != device:  # before checking its values there
+        raise ValueError(f"sparse_indices are on {indices.device}, but x is on {device}")
     pattern = sparse_indices if isinstance(sparse_indices, SparsePattern) else (
         SparsePattern.from_indices(sparse_indices, n)
     )
     if pattern.n != n:
         raise ValueError(f"sparse pattern is for n = {pattern.n}, but in_features = {n}")
-    if pattern.indices.device != device:
-        raise ValueError(f"sparse_indices are on {pattern.indices.device}, but x is on {device}")
     for name, t, size in (("delta", delta, n), ("sparse_values", sparse_values, pattern.k)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
