@@ -1,0 +1,97 @@
+"""Validate every available backend × path against the float64 reference (FROD.md §3-§4).
+
+For one problem (x, W, b, U, V, δ, Ω, s; δ and s non-zero) and upstream gradient dY, each tensor
+T ∈ {y, dx, dδ, ds, db} is compared with the float64 reference by its relative error
+
+    err(T) = max|T − T₆₄| / max|T₆₄|.
+
+The criterion is relative to what plain PyTorch achieves in the same dtype: the reference formula
+(W' materialised, autograd) run in that dtype has error err_plain(T), and a kernel passes when
+err(T) ≤ 2·err_plain(T) + atol, atol = eps(dtype) (16·eps in float64, where the plain run *is* the
+reference and err_plain = 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..dispatch import choose_backend
+from ..functional import frod_linear
+from ..pattern import sample_sparse_pattern
+from ..reference import frod_linear_reference
+
+__all__ = ["PATHS", "TENSORS", "available_backends", "relative_error", "validate"]
+
+PATHS = ("token", "weight")
+TENSORS = ("y", "dx", "ddelta", "ds", "dbias")
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """'torch', plus 'triton' on CUDA or on CPU when TRITON_INTERPRET=1 was set before the import."""
+    backends = ["torch"]
+    try:
+        choose_backend("triton", device)
+        backends.append("triton")
+    except RuntimeError:
+        pass
+    return backends
+
+
+def relative_error(value: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|value − ref| / max|ref| computed in float64."""
+    ref = ref.double()
+    return float((value.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+
+
+def _problem(o: int, n: int, lead: tuple[int, ...], rate: float, seed: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device)
+
+    indices = sample_sparse_pattern(n, rate, seed).to(device)
+    return {
+        "x": rnd(*lead, n), "weight": rnd(o, n, scale=n**-0.5), "bias": rnd(o), "U": rnd(o, n, scale=n**-0.5),
+        "V": rnd(n, n, scale=n**-0.5), "delta": rnd(n, scale=0.3), "indices": indices,
+        "values": rnd(indices.shape[1], scale=0.3), "gy": rnd(*lead, o),
+    }
+
+
+def _outputs(fn: Callable[..., torch.Tensor], p: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """y and the gradients of x, δ, s, b from one forward + backward of ``fn`` in ``dtype``."""
+    x, delta, values, bias = (p[k].to(dtype, copy=True).requires_grad_() for k in ("x", "delta", "values", "bias"))
+    weight, U, V = (p[k].to(dtype) for k in ("weight", "U", "V"))
+    y = fn(x, weight, bias, U, V, delta, p["indices"], values)
+    y.backward(p["gy"].to(dtype))
+    return {"y": y.detach(), "dx": x.grad, "ddelta": delta.grad, "ds": values.grad, "dbias": bias.grad}
+
+
+def validate(
+    device: torch.device, dtype: torch.dtype, backends: list[str] | None = None,
+    shapes: tuple[tuple[int, int, tuple[int, ...]], ...] = ((96, 80, (3, 17)), (64, 64, (200,))),
+    rate: float = 0.05, seed: int = 0,
+) -> list[dict]:
+    """One row per (backend, path, shape): errors per tensor, plain-PyTorch errors, pass/fail."""
+    rows = []
+    atol = torch.finfo(dtype).eps * (16.0 if dtype == torch.float64 else 1.0)
+    for o, n, lead in shapes:
+        p = _problem(o, n, lead, rate, seed, device)
+        exact = _outputs(frod_linear_reference, p, torch.float64)
+        plain = _outputs(frod_linear_reference, p, dtype)
+        plain_err = {t: relative_error(plain[t], exact[t]) for t in TENSORS}
+        for backend in backends or available_backends(device):
+            for path in PATHS:
+                def ours(*args, backend=backend, path=path):
+                    return frod_linear(*args, backend=backend, path=path)
+
+                got = _outputs(ours, p, dtype)
+                err = {t: relative_error(got[t], exact[t]) for t in TENSORS}
+                tol = {t: 2.0 * plain_err[t] + atol for t in TENSORS}
+                rows.append({
+                    "backend": backend, "path": path, "shape": {"o": o, "n": n, "x": [*lead, n]},
+                    "dtype": str(dtype).removeprefix("torch."), "errors": err, "plain_errors": plain_err,
+                    "tolerance": tol, "ok": all(err[t] <= tol[t] for t in TENSORS),
+                })
+    return rows

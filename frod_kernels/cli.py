@@ -1,0 +1,188 @@
+"""``frod-kernels`` (also ``python -m frod_kernels``): prove FRoD right and measure what it costs here.
+
+    frod-kernels                 validate every backend/path against the reference, then time one
+                                 layer fwd+bwd for a few shapes against the baselines (~1 min on CPU)
+    frod-kernels bench           the layer sweep: d × N × ρ, JSON + plot
+    frod-kernels decompose       joint decomposition vs the published route
+    frod-kernels convergence     MiniLM sentiment fine-tuning: FRoD vs LoRA vs full fine-tuning
+
+Common options: --device, --dtype, --threads, --json PATH, --tiny (smallest sizes, for smoke
+tests), --no-progress. The Triton backend is validated on CUDA, or on CPU under Triton's
+interpreter when TRITON_INTERPRET=1 is set in the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["main"]
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
+    p.add_argument("--tiny", action="store_true", help="smallest sizes (smoke test)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="frod-kernels", parents=[common], description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command")
+    bench = sub.add_parser("bench", parents=[common], help="layer fwd+bwd sweep vs the baselines")
+    bench.add_argument("--dims", type=int, nargs="+", default=None, help="d (default 256 1024; 4096 on CUDA)")
+    bench.add_argument("--tokens", type=int, nargs="+", default=None, help="N (default 64 ... 16384)")
+    bench.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.02], help="sparse_rate ρ")
+    bench.add_argument("--methods", nargs="+", default=None, help="methods (see frod_kernels.bench.layer_bench)")
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--repeats", type=int, default=7)
+    bench.add_argument("--plot", type=Path, default=None, metavar="PNG")
+    dec = sub.add_parser("decompose", parents=[common], help="joint decomposition vs the published route")
+    dec.add_argument("--suite", choices=["tiny", "cpu", "gpu"], default=None, help="default: cpu, or gpu on CUDA")
+    dec.add_argument("--repeats", type=int, default=2)
+    conv = sub.add_parser("convergence", parents=[common], help="MiniLM fine-tuning: FRoD vs LoRA vs full")
+    conv.add_argument("--steps", type=int, default=None)
+    conv.add_argument("--seeds", type=int, nargs="+", default=None)
+    conv.add_argument("--methods", nargs="+", default=None)
+    conv.add_argument("--plot", type=Path, default=None, metavar="PNG")
+    return parser
+
+
+def _setup(args: argparse.Namespace) -> torch.device:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _write_json(path: Path | None, payload: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def _format_validation(rows: Sequence[dict]) -> str:
+    from .bench.validate import TENSORS
+
+    head = f"{'backend':<7} {'path':<6} {'x shape':<14} " + " ".join(f"{t:>9}" for t in TENSORS) + "  ok"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        errs = " ".join(f"{r['errors'][t]:9.1e}" for t in TENSORS)
+        lines.append(f"{r['backend']:<7} {r['path']:<6} {'x'.join(map(str, r['shape']['x'])):<14} {errs}  "
+                     f"{'yes' if r['ok'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def _default(args: argparse.Namespace, device: torch.device) -> int:
+    """Validation + a few layer timings; exit status 1 if any validation fails."""
+    from .bench import layer_bench
+    from .bench.timing import machine_info
+    from .bench.validate import validate
+
+    dtype = getattr(torch, args.dtype)
+    shapes = ((24, 20, (2, 5)),) if args.tiny else ((96, 80, (3, 17)), (64, 64, (200,)))
+    print(f"frod-kernels: validating against the float64 reference ({args.dtype}, {device}); "
+          "max relative error per tensor, criterion: <= 2x plain PyTorch's error + eps")
+    rows = validate(device, dtype, shapes=shapes)
+    print(_format_validation(rows))
+    ok = all(r["ok"] for r in rows)
+    if args.tiny:
+        cases = [layer_bench.LayerCase(64, n, 0.05, args.dtype, device.type) for n in (16, 128)]
+        warmup, repeats = 0, 1
+    else:
+        dims, tokens = (4096, (256, 4096, 16384)) if device.type == "cuda" else (1024, (256, 4096))
+        cases = [layer_bench.LayerCase(dims, n, 0.01, args.dtype, str(device)) for n in tokens]
+        warmup, repeats = 1, 5
+    print(f"\ntiming one layer fwd+bwd (x requires grad, δ and s non-zero; median of {repeats} interleaved runs, "
+          f"{torch.get_num_threads()} threads)")
+    timings = layer_bench.run_layer_bench(cases, warmup=warmup, repeats=repeats, show_progress=not args.no_progress)
+    print(layer_bench.format_table(timings))
+    print("gemm = one N·d² product without autograd; the §5 floor of any layer needing dW-like statistics is 3x it")
+    _write_json(args.json, {"machine": machine_info(device), "command": args.command_line, "validation": rows,
+                            "layers": timings})
+    print("validation:", "all passed" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def _bench(args: argparse.Namespace, device: torch.device) -> int:
+    from .bench import layer_bench
+    from .bench.plots import plot_layer_bench
+    from .bench.timing import machine_info
+
+    if args.tiny:
+        dims, tokens, rates = args.dims or [32], args.tokens or [8, 64], args.rates[:1]
+    else:
+        dims = args.dims or ([256, 1024, 4096] if device.type == "cuda" else [256, 1024])
+        tokens, rates = args.tokens or [64, 256, 1024, 4096, 16384], args.rates
+    methods = args.methods or [*layer_bench.DEFAULT_METHODS, "frod_torch_token", "frod_torch_weight", "peft"]
+    if device.type == "cuda" and not args.methods:
+        methods += ["frod_triton_token", "frod_triton_weight"]
+    cases = [layer_bench.LayerCase(d, n, r, args.dtype, str(device)) for d in dims for r in rates for n in tokens]
+    rows = layer_bench.run_layer_bench(
+        cases, methods, warmup=0 if args.tiny else args.warmup, repeats=1 if args.tiny else args.repeats,
+        show_progress=not args.no_progress,
+    )
+    print(layer_bench.format_table(rows))
+    info = machine_info(device)
+    _write_json(args.json, {"machine": info, "command": args.command_line, "layers": rows})
+    if args.plot:
+        machine = info["cpu"] if device.type == "cpu" else info.get("gpu")
+        title = f"{machine}, {args.dtype}, {info['torch_threads']} threads"
+        if plot_layer_bench(rows, args.plot, title=title):
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def _decompose(args: argparse.Namespace, device: torch.device) -> int:
+    from .bench import decompose_bench
+    from .bench.timing import machine_info
+
+    name = "tiny" if args.tiny else (args.suite or ("gpu" if device.type == "cuda" else "cpu"))
+    rows = decompose_bench.run_decompose_bench(
+        decompose_bench.suite(name), device, repeats=1 if args.tiny else args.repeats,
+        show_progress=not args.no_progress,
+    )
+    print(decompose_bench.format_table(rows))
+    _write_json(args.json, {"machine": machine_info(device), "command": args.command_line, "suite": name,
+                            "categories": rows})
+    return 0
+
+
+def _convergence(args: argparse.Namespace, device: torch.device) -> int:
+    from .bench import convergence
+    from .bench.plots import plot_convergence
+    from .bench.timing import machine_info
+
+    result = convergence.run_convergence(
+        device=device, tiny=args.tiny, steps=args.steps, seeds=args.seeds, methods=args.methods,
+        show_progress=not args.no_progress,
+    )
+    print(convergence.format_report(result))
+    _write_json(args.json, {"machine": machine_info(device), "command": args.command_line, **result})
+    if args.plot and plot_convergence(result, args.plot):
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``frod-kernels`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    args.command_line = " ".join(["frod-kernels", *argv])
+    device = _setup(args)
+    command = {"bench": _bench, "decompose": _decompose, "convergence": _convergence}.get(args.command, _default)
+    return command(args, device)
