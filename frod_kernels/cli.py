@@ -32,6 +32,8 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
     p.add_argument("--tiny", action="store_true", help="smallest sizes (smoke test)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="keep glibc's default mmap/trim thresholds (see frod_kernels.bench.timing.tune_malloc)")
     return p
 
 
@@ -64,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
 def _setup(args: argparse.Namespace) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.no_malloc_tuning:
+        from .bench.timing import tune_malloc
+
+        tune_malloc()
     return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
