@@ -135,4 +135,6 @@ def frod_linear(
             x2, weight, bias, U, V, delta.to(dtype), sparse_values.to(dtype), *pattern,
             resolved_path, resolved_backend, save,
         )
-    return y.reshape(*lead, o)
+    # A 2-D x gets the op's output itself, as from nn.Linear: not a view (FSDP2 warns about views,
+    # whose in-place use would bypass its backward hooks); N-D x gets a view, as nn.Linear gives.
+    return y if x.dim() == 2 else y.reshape(*lead, o)
