@@ -240,6 +240,14 @@ class FRoDLinear(nn.Module):
             self.sparse_values, backend=self.backend, path=self.path,
         )
 
+    def _apply(self, fn, recurse: bool = True):
+        # The weight kept for unmerge is a plain attribute: convert it with the module so that
+        # .to(device/dtype) while merged does not leave it behind.
+        super()._apply(fn, recurse)
+        if self._unmerged_weight is not None:
+            self._unmerged_weight = fn(self._unmerged_weight)
+        return self
+
     # -- merge ----------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -196,3 +196,13 @@ def test_apply_frod_param_dtype_fp32_masters():
     assert all(p.dtype == torch.bfloat16 for p in net.parameters() if not p.requires_grad)
     net(torch.randn(3, 16, dtype=torch.bfloat16)).float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+
+
+def test_conversion_while_merged_converts_the_kept_weight():
+    layer = _layer("additive", torch.float32)
+    original = layer.weight.detach().clone()
+    layer.merge()
+    layer.double()
+    layer.unmerge()
+    assert layer.weight.dtype == torch.float64
+    assert torch.equal(layer.weight, original.double())
