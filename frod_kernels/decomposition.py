@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["JointBasis", "joint_decompose", "validate_reg"]
+__all__ = ["JointBasis", "check_weights", "joint_decompose", "validate_reg"]
 
 logger = logging.getLogger("frod_kernels")
 
@@ -63,7 +63,8 @@ def validate_reg(reg: float) -> float:
     return float(reg)
 
 
-def _check_weights(weights: Sequence[torch.Tensor]) -> tuple[int, int]:
+def check_weights(weights: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(o, n) of a category's weights; raise unless all are finite 2-D float tensors of one shape and device."""
     if len(weights) == 0:
         raise ValueError("joint_decompose needs at least one weight")
     o, n = weights[0].shape if weights[0].dim() == 2 else (None, None)
@@ -130,7 +131,7 @@ def joint_decompose(
         a ``JointBasis`` with the per-layer relative reconstruction errors (float64 maths).
     """
     reg = validate_reg(reg)
-    _check_weights(weights)
+    check_weights(weights)
     started = time.perf_counter()
     dtype = dtype or weights[0].dtype
     ws = [w.detach().to(torch.float64) for w in weights]

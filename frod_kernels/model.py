@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .decomposition import joint_decompose, validate_reg
+from .decomposition import check_weights, joint_decompose, validate_reg
 from .layer import MODES, FRoDBasis, FRoDLinear
 from .pattern import sample_sparse_pattern, validate_seed, validate_sparse_rate
 
@@ -196,6 +196,11 @@ def apply_frod(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     groups = _find_targets(model, target_modules)
+    for cat, members in groups.items():  # fail before touching the model, not half-way through it
+        try:
+            check_weights([_as_linear(m).weight for _, m in members])
+        except ValueError as exc:
+            raise ValueError(f"category {cat!r}: {exc}") from exc
     for p in model.parameters():
         p.requires_grad_(False)
     summary = FRoDSummary()

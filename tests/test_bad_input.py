@@ -223,10 +223,11 @@ def test_non_finite_weights_at_decomposition(bad):
         joint_decompose([torch.randn(N_OUT, N_IN), w])
     net = _Net()
     with torch.no_grad():
-        net.blocks[1]["proj"].weight[0, 0] = bad
-    with pytest.raises(ValueError, match="non-finite entries"):
-        fk.apply_frod(net, ["proj"])
+        net.head.weight[0, 0] = bad
+    with pytest.raises(ValueError, match=r"category 'head': weight 0 has non-finite entries"):
+        fk.apply_frod(net, ["proj", "head"])  # the 'proj' category comes first and is fine
     assert not fk.frod_layers(net), "a failed apply_frod must not leave FRoD layers behind"
+    assert all(p.requires_grad for p in net.parameters()), "nor frozen parameters"
 
 
 def test_decomposition_shape_errors():
