@@ -2,7 +2,8 @@
 
 Tiny configs with random weights: exact at init (additive bit-exact, factored up to the
 decomposition's rounding), trainable count Σ_layers (n + floor(ρ n²)) (FROD.md §3), a few
-training steps, merge/unmerge/unload, save/load and the cross-mode adapter round trip.
+training steps, merge/unmerge/unload, save/load and the cross-mode adapter round trip, and
+training with ``gradient_checkpointing_enable()``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 RATE = 0.05
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is as fast and does not stall when the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @dataclass
@@ -209,3 +219,32 @@ def test_conv1d_view_shares_the_weight_and_unloads_unmerged():
     assert type(unloaded) is Conv1D and torch.equal(unloaded.weight, conv.weight)
     batch = _batch("gpt2")
     assert torch.equal(SPECS["gpt2"].output(model, batch), SPECS["gpt2"].output(base, batch))
+
+
+def _train(model: nn.Module, name: str, steps: int = 4) -> tuple[list[float], dict[str, torch.Tensor]]:
+    batch = _batch(name)
+    opt = torch.optim.AdamW(fk.frod_param_groups(model, lr_delta=1e-2, lr_sparse=1e-2))
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = SPECS[name].loss(model, batch)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in fk.frod_state_dict(model).items()}
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_gradient_checkpointing_trains(name, use_reentrant):
+    plain_losses, plain_state = _train(_frod(name)[0].train(), name)
+    model = _frod(name)[0].train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if use_reentrant:
+        model.enable_input_require_grads()  # frozen embeddings: see test_checkpointing.py
+    assert model.is_gradient_checkpointing
+    losses, state = _train(model, name)
+    assert losses[-1] < losses[0]
+    torch.testing.assert_close(losses, plain_losses, rtol=1e-5, atol=1e-6)
+    for key, value in plain_state.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-6, msg=key)
