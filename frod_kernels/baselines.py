@@ -99,7 +99,8 @@ class PublishedFRoDLinear(_FRoDBaseline):
         Z = x·V (N, n);   S = sparse_coo_tensor(Ω, s).coalesce()   (rebuilt every call)
         y = x·Wᵀ + b + (Z ⊙ δ + (S·Zᵀ)ᵀ)·Uᵀ
 
-    i.e. y = x·(W + U·(diag(δ) + S)·Vᵀ)ᵀ + b; autograd differentiates through ``torch.sparse.mm``.
+    i.e. y = x·(W + U·(diag(δ) + S)·Vᵀ)ᵀ + b; autograd differentiates through ``torch.sparse.mm``
+    (in float16/bfloat16 the published code densifies S instead, and so does this layer).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +109,10 @@ class PublishedFRoDLinear(_FRoDBaseline):
             self.sparse_indices, self.sparse_values, (n, n), check_invariants=False,
         ).coalesce()
         z = x.reshape(-1, n) @ self.V
-        rotated = z * self.delta + torch.sparse.mm(s, z.t()).t()
+        if z.dtype in (torch.float16, torch.bfloat16):  # as published: no half-precision sparse addmm on CUDA
+            rotated = z * self.delta + z @ s.to_dense().t()
+        else:
+            rotated = z * self.delta + torch.sparse.mm(s, z.t()).t()
         out = nn.functional.linear(x, self.weight, self.bias)
         return out + (rotated @ self.U.t()).reshape(out.shape)
 

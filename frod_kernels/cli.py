@@ -96,7 +96,6 @@ def _format_validation(rows: Sequence[dict]) -> str:
 def _default(args: argparse.Namespace, device: torch.device) -> int:
     """Validation + a few layer timings; exit status 1 if any validation fails."""
     from .bench import layer_bench
-    from .bench.timing import machine_info
     from .bench.validate import validate
 
     dtype = getattr(torch, args.dtype)
@@ -118,7 +117,7 @@ def _default(args: argparse.Namespace, device: torch.device) -> int:
     timings = layer_bench.run_layer_bench(cases, warmup=warmup, repeats=repeats, show_progress=not args.no_progress)
     print(layer_bench.format_table(timings))
     print("gemm = one N·d² product without autograd; the §5 floor of any layer needing dW-like statistics is 3x it")
-    _write_json(args.json, {"machine": machine_info(device), "command": args.command_line, "validation": rows,
+    _write_json(args.json, {"machine": args.machine, "command": args.command_line, "validation": rows,
                             "layers": timings})
     print("validation:", "all passed" if ok else "FAILED")
     return 0 if ok else 1
@@ -127,7 +126,6 @@ def _default(args: argparse.Namespace, device: torch.device) -> int:
 def _bench(args: argparse.Namespace, device: torch.device) -> int:
     from .bench import layer_bench
     from .bench.plots import plot_layer_bench
-    from .bench.timing import machine_info
 
     if args.tiny:
         dims, tokens, rates = args.dims or [32], args.tokens or [8, 64], args.rates[:1]
@@ -143,7 +141,7 @@ def _bench(args: argparse.Namespace, device: torch.device) -> int:
         show_progress=not args.no_progress,
     )
     print(layer_bench.format_table(rows))
-    info = machine_info(device)
+    info = args.machine
     _write_json(args.json, {"machine": info, "command": args.command_line, "layers": rows})
     if args.plot:
         machine = info["cpu"] if device.type == "cpu" else info.get("gpu")
@@ -155,7 +153,6 @@ def _bench(args: argparse.Namespace, device: torch.device) -> int:
 
 def _decompose(args: argparse.Namespace, device: torch.device) -> int:
     from .bench import decompose_bench
-    from .bench.timing import machine_info
 
     name = "tiny" if args.tiny else (args.suite or ("gpu" if device.type == "cuda" else "cpu"))
     rows = decompose_bench.run_decompose_bench(
@@ -163,7 +160,7 @@ def _decompose(args: argparse.Namespace, device: torch.device) -> int:
         show_progress=not args.no_progress,
     )
     print(decompose_bench.format_table(rows))
-    _write_json(args.json, {"machine": machine_info(device), "command": args.command_line, "suite": name,
+    _write_json(args.json, {"machine": args.machine, "command": args.command_line, "suite": name,
                             "categories": rows})
     return 0
 
@@ -171,14 +168,13 @@ def _decompose(args: argparse.Namespace, device: torch.device) -> int:
 def _convergence(args: argparse.Namespace, device: torch.device) -> int:
     from .bench import convergence
     from .bench.plots import plot_convergence
-    from .bench.timing import machine_info
 
     result = convergence.run_convergence(
         device=device, tiny=args.tiny, steps=args.steps, seeds=args.seeds, methods=args.methods,
         show_progress=not args.no_progress,
     )
     print(convergence.format_report(result))
-    _write_json(args.json, {"machine": machine_info(device), "command": args.command_line, **result})
+    _write_json(args.json, {"machine": args.machine, "command": args.command_line, **result})
     if args.plot and plot_convergence(result, args.plot):
         print(f"wrote {args.plot}")
     return 0
@@ -190,5 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.command_line = " ".join(["frod-kernels", *argv])
     device = _setup(args)
+    from .bench.timing import machine_info
+
+    args.machine = machine_info(device)  # at the start: the load average before the run
     command = {"bench": _bench, "decompose": _decompose, "convergence": _convergence}.get(args.command, _default)
     return command(args, device)

@@ -39,7 +39,9 @@ from ..dispatch import choose_path
 from ..layer import FRoDLinear
 from .timing import Progress, Timed, peak_memory, summarize, time_interleaved
 
-__all__ = ["DEFAULT_METHODS", "LayerCase", "format_table", "run_case", "run_layer_bench"]
+__all__ = [
+    "DEFAULT_METHODS", "LayerCase", "build_modules", "format_table", "run_case", "run_layer_bench", "update_and_zero",
+]
 
 DEFAULT_METHODS = ("dense", "lora", "frod", "published", "naive")
 _LR = 1e-6
@@ -69,7 +71,8 @@ def _frod_variant(layer: FRoDLinear, backend: str, path: str) -> FRoDLinear:
     return out
 
 
-def _modules(case: LayerCase, methods: Sequence[str], seed: int) -> dict[str, nn.Module]:
+def build_modules(case: LayerCase, methods: Sequence[str], seed: int) -> dict[str, nn.Module]:
+    """The layers of ``methods`` for ``case`` (all FRoD variants share one decomposition; peft only if installed)."""
     torch.manual_seed(seed)
     kw = {"dtype": case.torch_dtype, "device": case.device}
     base = dense_linear(case.d, case.d, **kw)
@@ -114,7 +117,8 @@ def _step(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> Callable[[], 
     return run
 
 
-def _update(params: list[nn.Parameter], x: torch.Tensor) -> Callable[[], None]:
+def update_and_zero(params: list[nn.Parameter], x: torch.Tensor) -> Callable[[], None]:
+    """The untimed step between calls: p ← p − lr·∇p for ``params`` (no_grad), then every gradient to None."""
     @torch.no_grad()
     def between() -> None:
         for p in params:
@@ -132,7 +136,7 @@ def run_case(
 ) -> list[dict]:
     """Time every method on one case (interleaved); one result row per method, plus 'gemm'."""
     device = torch.device(case.device)
-    modules = _modules(case, methods, seed)
+    modules = build_modules(case, methods, seed)
     g = torch.Generator(device=device).manual_seed(seed + 1)
     x = torch.randn(case.n_tokens, case.d, generator=g, device=device, dtype=case.torch_dtype).requires_grad_()
     gy = torch.randn(case.n_tokens, case.d, generator=g, device=device, dtype=case.torch_dtype)
@@ -143,11 +147,10 @@ def run_case(
     for name, module in modules.items():
         params = [p for p in module.parameters() if p.requires_grad]
         trainable[name] = sum(p.numel() for p in params)
-        timed[name] = Timed(_step(module, x, gy), _update(params, x))
+        timed[name] = Timed(_step(module, x, gy), update_and_zero(params, x))
     samples = time_interleaved(timed, device, warmup=warmup, repeats=repeats, progress=progress)
     dense_ms = summarize(samples["dense"])["ms"] if "dense" in samples else math.nan
     flop = 6.0 * case.n_tokens * case.d * case.d
-    frod = FRoDLinear  # for the dispatcher's choice below
     rows = []
     for name in timed:
         stats = summarize(samples[name])
@@ -157,7 +160,7 @@ def run_case(
             row["peak_mem_mb"] = peak_memory(timed[name].run, device) / 2**20
             timed[name].between()
         module = modules.get(name)
-        if isinstance(module, frod):
+        if isinstance(module, FRoDLinear):  # the path the dispatcher takes
             row["path"] = choose_path(
                 module.path, n_rows=case.n_tokens, out_features=case.d, in_features=case.d, k=module.k,
                 device_type=device.type,

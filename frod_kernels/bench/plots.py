@@ -32,8 +32,12 @@ def plot_layer_bench(rows: Sequence[dict], path: str | Path, title: str = "") ->
     if plt is None:
         return None
     panels = sorted({(r["d"], r["sparse_rate"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    for ax, (d, rate) in zip(axes[0], panels, strict=True):
+    cols = min(2, len(panels))
+    rows_ = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(6.2 * cols, 4.6 * rows_), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (d, rate) in zip(axes.flat, panels, strict=False):
         sel = [r for r in rows if r["d"] == d and r["sparse_rate"] == rate]
         methods = [m for m in dict.fromkeys(r["method"] for r in sel) if m != "gemm"]
         for m in methods:
@@ -44,7 +48,7 @@ def plot_layer_bench(rows: Sequence[dict], path: str | Path, title: str = "") ->
         ax.set(xscale="log", yscale="log", xlabel="N (rows of x)", ylabel="fwd+bwd ms (median)",
                title=f"d = {d}, ρ = {rate:g}")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
