@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--steps", type=int, default=None)
     conv.add_argument("--seeds", type=int, nargs="+", default=None)
     conv.add_argument("--methods", nargs="+", default=None)
+    conv.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                      help="override a learning rate, e.g. --lr lora=5e-3 --lr frod=1e-2,1e-3 (δ, s)")
     conv.add_argument("--plot", type=Path, default=None, metavar="PNG")
     return parser
 
@@ -169,9 +171,16 @@ def _convergence(args: argparse.Namespace, device: torch.device) -> int:
     from .bench import convergence
     from .bench.plots import plot_convergence
 
+    lrs = {}
+    for item in args.lr:
+        name, _, value = item.partition("=")
+        values = tuple(float(v) for v in value.split(","))
+        if name not in convergence.METHODS or len(values) != (2 if name == "frod" else 1):
+            raise SystemExit(f"--lr {item!r}: expected METHOD=LR (frod=LR_DELTA,LR_SPARSE) for {convergence.METHODS}")
+        lrs[name] = values if name == "frod" else values[0]
     result = convergence.run_convergence(
         device=device, tiny=args.tiny, steps=args.steps, seeds=args.seeds, methods=args.methods,
-        show_progress=not args.no_progress,
+        learning_rates=lrs, show_progress=not args.no_progress,
     )
     print(convergence.format_report(result))
     _write_json(args.json, {"machine": args.machine, "command": args.command_line, **result})

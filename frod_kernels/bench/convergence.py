@@ -131,6 +131,10 @@ def _synthetic(n: int, seed: int) -> list[tuple[str, int]]:
 def _setup(tiny: bool) -> tuple[Callable[[], nn.Module], Callable[[list[str]], dict], list, list, int]:
     """(encoder factory, tokenizer, train, test, hidden size)."""
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # MiniLM's unused pooler weights would be reported at every load
+    hf_logging.disable_progress_bar()
 
     if tiny:
         cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
