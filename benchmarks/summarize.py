@@ -90,7 +90,19 @@ def convergence(d: dict) -> str:
         out.append(f"| {name} | {m['trainable']:,} | {m['test_accuracy_mean']:.2f} ± {m['test_accuracy_std']:.2f} | "
                    f"{m['final_loss_mean']:.3f} ± {m['final_loss_std']:.3f} | {m['seconds_per_step']:.2f} | {reach} |")
     if "targets" in d:
-        out += ["", "Targets: " + json.dumps(d["targets"])]
+        t = {k: round(v, 3) if isinstance(v, float) else v for k, v in d["targets"].items()}
+        out += ["", "Targets: " + json.dumps(t)]
+    return "\n".join(out)
+
+
+def lr_sweep(results: Path) -> str:
+    out = ["| file | method | learning rates | test accuracy % | final loss (EMA) |", "|---|---|---|---|---|"]
+    for path in sorted((results / "lr_sweep").glob("*.json")):
+        d = json.loads(path.read_text())
+        for name, m in d["methods"].items():
+            lr = d["learning_rates"][name]
+            out.append(f"| lr_sweep/{path.name} | {name} | {lr} | {m['test_accuracy_mean']:.2f} | "
+                       f"{m['final_loss_mean']:.3f} |")
     return "\n".join(out)
 
 
@@ -107,6 +119,8 @@ def main() -> None:
         d = _load(results, name)
         if d is not None:
             print(f"### {title}\n\n{fn(d)}\n")
+    if (results / "lr_sweep").is_dir():
+        print(f"### Learning-rate sweep (seed 0)\n\n{lr_sweep(results)}\n")
 
 
 if __name__ == "__main__":
