@@ -40,7 +40,7 @@ def _common() -> argparse.ArgumentParser:
 def _parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
-        prog="frod-kernels", parents=[common], description=__doc__.split("\n\n")[0],
+        prog="frod-kernels", parents=[common], description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command")
