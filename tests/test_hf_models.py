@@ -24,15 +24,6 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 RATE = 0.05
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is as fast and does not stall when the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass
 class Spec:
     build: Callable[[], nn.Module]
