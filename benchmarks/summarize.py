@@ -69,13 +69,15 @@ def validation(d: dict) -> str:
 
 
 def decompose(d: dict) -> str:
-    out = [_machine(d), "", "| category | L × (o, n) | ours ms | published ms | speed-up | ours MB | published MB | "
-           "ours error | published error |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [_machine(d), "", "| category | L × (o, n) | ours ms | published fp32 ms | speed-up | published fp64 ms | "
+           "speed-up | ours MB | published MB | ours error | published fp32 error | published fp64 error |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["categories"]:
-        o, p = r["ours"], r["published"]
+        o, p, p64 = r["ours"], r["published"], r["published_f64"]
         out.append(f"| {r['category']} | {r['layers']} × ({r['out_features']}, {r['in_features']}) | {o['ms']:.0f} | "
-                   f"{p['ms']:.0f} | {r['speedup']:.2f}× | {o['peak_mem_mb']:.0f} | {p['peak_mem_mb']:.0f} | "
-                   f"{o['max_error']:.1e} | {p['max_error']:.1e} |")
+                   f"{p['ms']:.0f} | {r['speedup']:.2f}× | {p64['ms']:.0f} | {r['speedup_f64']:.2f}× | "
+                   f"{o['peak_mem_mb']:.0f} | {p['peak_mem_mb']:.0f} | {o['max_error']:.1e} | {p['max_error']:.1e} | "
+                   f"{p64['max_error']:.1e} |")
     return "\n".join(out)
 
 

@@ -163,15 +163,18 @@ def peft_frod_layer(linear: nn.Linear, sparse_rate: float = 0.01, seed: int = 0)
     return get_peft_model(_Holder(linear), config)
 
 
-def published_joint_decompose(weights: Sequence[torch.Tensor], reg: float = 1e-3) -> JointBasis:
+def published_joint_decompose(
+    weights: Sequence[torch.Tensor], reg: float = 1e-3, dtype: torch.dtype = torch.float32
+) -> JointBasis:
     """The published decomposition route (FROD.md §8), for the decomposition benchmark.
 
-    In float32: stacked QR [W_1; …; W_L] = Q·R (Q: L·o × n, materialised), T = (1/L) Σ inv(Q_iᵀQ_i + αI)
+    In ``dtype`` (float32 as published; float64 to compare at our precision):
+    stacked QR [W_1; …; W_L] = Q·R (Q: L·o × n, materialised), T = (1/L) Σ inv(Q_iᵀQ_i + αI)
     with explicit inverses, T = E Θ Eᵀ, V = Rᵀ E, then B_i = W_i · inv(V)ᵀ (explicit inverse, pinv
     fallback), λ_i = column norms, U_i = B_i / λ_i. Like the published code it does not measure its
     reconstruction error: ``errors`` is empty (the benchmark measures both routes alike).
     """
-    ws = [w.detach().to(torch.float32) for w in weights]
+    ws = [w.detach().to(dtype) for w in weights]
     q, r = torch.linalg.qr(torch.cat(ws, dim=0))
     n = r.shape[1]
     eye = torch.eye(n, dtype=r.dtype, device=r.device)
