@@ -3,6 +3,7 @@
 The only place that decides. The cost model counts multiply-adds as in FROD.md §5 with d ≈ n ≈ o:
 
     token  fwd  N·n·n (Z = XV) + N·o·n (XWᵀ, additive mode) + N·o·n (A·Uᵀ) + c·N·(n+k)
+                (no gradients: c·n·(n+k) for the fold V·Mᵀ instead of c·N·(n+k))
            bwd  N·o·n (P = dY·U) + [N·o·n (dY·W) + N·n·n ((PM)Vᵀ) + c·N·(n+k)  if dX is needed]
                 + c·N·(n+k) (SDDMM)                                          if δ, s need grads
     weight fwd  o·n·n (ΔW = (UM)Vᵀ) + c·o·(n+k) + N·o·n (Y = XW'ᵀ)
@@ -44,8 +45,11 @@ def path_costs(
     big_n, o, n = n_rows, out_features, in_features
     c = _SPARSE_WEIGHT.get(device_type, _SPARSE_WEIGHT["cuda"])
     training = needs_input_grad or needs_param_grad
-    token = big_n * n * n + (1 + additive) * big_n * o * n + c * big_n * (n + k)
+    token = big_n * n * n + (1 + additive) * big_n * o * n
     weight = o * n * n + c * o * (n + k) + big_n * o * n
+    # Without gradients the token path folds M into the basis (V·Mᵀ, n·(n+k) sparse work) instead
+    # of applying it to the N rows of Z.
+    token += c * (big_n if training else n) * (n + k)
     if training:
         token += big_n * o * n
         weight += o * n * n  # W' is kept from the forward, but H = UᵀG is another o·n·n
