@@ -122,6 +122,11 @@ def frod_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n)
     grad = torch.is_grad_enabled()
+    for name, t in (("weight", weight), ("U", U), ("V", V)):
+        if grad and t is not None and t.requires_grad:
+            # FROD.md §4: W, U, V are frozen and get no gradient; fail loudly rather than leave
+            # a user who unfroze them with a silent None.
+            raise ValueError(f"{name} requires grad, but FRoD keeps W, U and V frozen (set requires_grad_(False))")
     needs_input_grad = grad and x.requires_grad
     needs_param_grad = grad and (delta.requires_grad or sparse_values.requires_grad)
     resolved_backend = choose_backend(backend, device)

@@ -74,8 +74,6 @@ def _token_backward(bk, dy, x, zt, weight, U, V, diag, values, pattern, need_x, 
         qt = bk.m_matmul(pt, diag, values, pattern, transpose=True)  # (P·M)ᵀ = Mᵀ·Pᵀ
         dx = bk.dual_matmul(qt.t(), V) if weight is None else bk.dual_matmul(dy, weight.t(), qt.t(), V)
     if need_params:
-        if zt.numel() == 0 and x.numel() != 0:
-            zt = bk.dual_matmul(V.t(), x)
         dd, ds = bk.sddmm(pt, zt, pattern)
     return dx, dd, ds
 
@@ -83,8 +81,6 @@ def _token_backward(bk, dy, x, zt, weight, U, V, diag, values, pattern, need_x, 
 def _weight_backward(bk, dy, x, w_eff, weight, U, V, diag, values, pattern, need_x, need_params):
     dx = dd = ds = None
     if need_x:
-        if w_eff.numel() == 0:
-            w_eff = _rotated_weight(bk, weight, U, V, diag, values, pattern)
         dx = bk.dual_matmul(dy, w_eff.t())
     if need_params:
         g = bk.dual_matmul(dy.t(), x.t())  # G = dYᵀ·X, (o, n)

@@ -161,3 +161,14 @@ def test_input_validation():
         frod_linear(*args, backend="cuda")
     with pytest.raises(ValueError, match="path"):
         frod_linear(*args, path="fused")
+
+
+def test_frozen_tensors_must_not_require_grad():
+    p = make_problem((3,), o=5, n=4, seed=2)
+    for i, name in ((1, "weight"), (3, "U"), (4, "V")):
+        args = [p.x, p.weight, p.bias, p.U, p.V, p.delta, p.indices, p.values]
+        args[i] = args[i].clone().requires_grad_()
+        with pytest.raises(ValueError, match=f"{name} requires grad"):
+            frod_linear(*args)
+        with torch.no_grad():
+            frod_linear(*args)  # fine without autograd
