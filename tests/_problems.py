@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from frod_kernels import frod_layers
 from frod_kernels.pattern import SparsePattern, sample_sparse_pattern
 
 
@@ -45,3 +47,12 @@ def make_problem(
         indices=indices,
         values=rnd(indices.shape[1], scale=0.5).requires_grad_(),
     )
+
+
+def randomise_frod(module: nn.Module, scale: float, seed: int = 1) -> None:
+    """Set δ and s of every FRoD layer in ``module`` (or of ``module`` itself) to seeded N(0, scale²)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in frod_layers(module).values():
+            for p in (layer.delta, layer.sparse_values):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)

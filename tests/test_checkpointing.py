@@ -16,6 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 import frod_kernels as fk
 
+from _problems import randomise_frod
+
 
 class _Block(nn.Module):
     def __init__(self, d: int) -> None:
@@ -42,11 +44,7 @@ def _frod_net(mode: str, path: str) -> _Net:
     torch.manual_seed(0)
     net = _Net().double()
     fk.apply_frod(net, ["up", "down"], sparse_rate=0.05, mode=mode, path=path)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in fk.frod_layers(net).values():
-            layer.delta.copy_(torch.randn(layer.delta.shape, generator=g, dtype=torch.float64) * 0.1)
-            layer.sparse_values.copy_(torch.randn(layer.sparse_values.shape, generator=g, dtype=torch.float64) * 0.1)
+    randomise_frod(net, 0.1)
     return net
 
 

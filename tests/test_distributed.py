@@ -22,6 +22,8 @@ from torch import nn
 
 import frod_kernels as fk
 
+from _problems import randomise_frod
+
 WORLD = 2
 # ddp_nosync: DDP(forward_sync_buffers=False), the recommended setting (no per-forward buffer sync).
 RUNS = [("ddp", "additive"), ("ddp", "factored"), ("ddp_nosync", "additive"), ("fsdp", "additive"),
@@ -55,11 +57,7 @@ def _model(mode: str) -> _Net:
     net = _Net().double()
     fk.apply_frod(net, ["up", "down"], sparse_rate=0.2, seed=3, mode=mode)
     net.head.requires_grad_(True)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in fk.frod_layers(net).values():
-            layer.delta.add_(torch.randn(layer.delta.shape, generator=g, dtype=torch.float64) * 0.1)
-            layer.sparse_values.add_(torch.randn(layer.sparse_values.shape, generator=g, dtype=torch.float64) * 0.1)
+    randomise_frod(net, 0.1)
     return net
 
 

@@ -18,6 +18,8 @@ from torch import nn
 import frod_kernels as fk
 from frod_kernels.pattern import num_sparse_entries
 
+from _problems import randomise_frod
+
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
@@ -110,14 +112,6 @@ def _batch(name: str) -> dict:
     return SPECS[name].inputs(torch.Generator().manual_seed(5))
 
 
-def _randomise(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for layer in fk.frod_layers(model).values():
-            layer.delta.add_(torch.randn(layer.delta.shape, generator=g) * 0.05)
-            layer.sparse_values.add_(torch.randn(layer.sparse_values.shape, generator=g) * 0.05)
-
-
 def _base_shapes(model: nn.Module) -> dict[str, tuple[type, int]]:
     """Targets' (class, in_features) in the base model."""
     out = {}
@@ -204,7 +198,7 @@ def test_conv1d_view_shares_the_weight_and_unloads_unmerged():
     assert (layer.in_features, layer.out_features) == (conv.nx, conv.nf)
     torch.testing.assert_close(layer.weight, conv.weight.t(), rtol=0.0, atol=0.0)
     assert layer.weight.stride() == (1, conv.nf)  # a view of the Conv1D storage, not a copy
-    _randomise(model)
+    randomise_frod(model, 0.05, seed=2)
     fk.unload_frod(model, merge=False)
     unloaded = model.transformer.h[0].attn.c_attn
     assert type(unloaded) is Conv1D and torch.equal(unloaded.weight, conv.weight)

@@ -7,12 +7,7 @@ from torch import nn
 from frod_kernels import FRoDLinear, joint_decompose
 from frod_kernels.reference import frod_linear_reference
 
-
-def _randomise(layer: FRoDLinear, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        layer.delta.copy_(torch.randn(layer.delta.shape, generator=g) * 0.3)
-        layer.sparse_values.copy_(torch.randn(layer.sparse_values.shape, generator=g) * 0.3)
+from _problems import randomise_frod
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -58,7 +53,7 @@ def test_forward_matches_reference_with_random_delta(path):
     torch.manual_seed(2)
     lin = nn.Linear(19, 21).double()
     layer = FRoDLinear.from_linear(lin, sparse_rate=0.1, path=path)
-    _randomise(layer)
+    randomise_frod(layer, 0.3)
     x = torch.randn(4, 3, 19, dtype=torch.float64, requires_grad=True)
     y = layer(x)
     ref = frod_linear_reference(
@@ -74,7 +69,7 @@ def test_merge_unmerge_round_trip(dtype):
     lin = nn.Linear(24, 16).to(dtype)
     original = lin.weight.detach().clone()
     layer = FRoDLinear.from_linear(lin, sparse_rate=0.1)
-    _randomise(layer)
+    randomise_frod(layer, 0.3)
     x = torch.randn(7, 24, dtype=dtype)
     before = layer(x)
     layer.merge()
@@ -102,7 +97,7 @@ def test_to_linear():
     torch.manual_seed(4)
     lin = nn.Linear(12, 9)
     layer = FRoDLinear.from_linear(lin, sparse_rate=0.2)
-    _randomise(layer)
+    randomise_frod(layer, 0.3)
     x = torch.randn(5, 12)
     merged = layer.to_linear(merge=True)
     assert type(merged) is nn.Linear

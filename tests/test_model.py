@@ -7,6 +7,8 @@ from torch import nn
 import frod_kernels as fk
 from frod_kernels.pattern import num_sparse_entries
 
+from _problems import randomise_frod
+
 transformers = pytest.importorskip("transformers")
 
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -31,14 +33,6 @@ def _llama(seed=0):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def _randomise(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in fk.frod_layers(model).values():
-            layer.delta.copy_(torch.randn(layer.delta.shape, generator=g) * 0.2)
-            layer.sparse_values.copy_(torch.randn(layer.sparse_values.shape, generator=g) * 0.2)
-
-
 @pytest.mark.parametrize("builder,targets,n_categories", [(_bert, BERT_TARGETS, 6), (_llama, LLAMA_TARGETS, 7)])
 def test_apply_frod_on_transformers(builder, targets, n_categories):
     model = builder()
@@ -61,7 +55,7 @@ def test_apply_frod_on_transformers(builder, targets, n_categories):
     # Categories keep the full path: attention.output.dense and output.dense stay apart.
     assert torch.equal(out(model), before)  # exact at init
 
-    _randomise(model)
+    randomise_frod(model, 0.2)
     changed = out(model)
     assert not torch.allclose(changed, before)
     loss = changed.square().mean()
@@ -72,7 +66,7 @@ def test_apply_frod_on_transformers(builder, targets, n_categories):
 def test_merge_unmerge_unload_on_model():
     model = _bert()
     fk.apply_frod(model, BERT_TARGETS, sparse_rate=0.05)
-    _randomise(model)
+    randomise_frod(model, 0.2)
     ids = torch.randint(0, 100, (2, 9))
     y = model(ids).last_hidden_state
     weights = {n: m.weight.detach().clone() for n, m in fk.frod_layers(model).items()}
@@ -92,7 +86,7 @@ def test_unload_without_merge_gives_back_the_base_model():
     ids = torch.randint(0, 100, (2, 9))
     base = model(ids).last_hidden_state
     fk.apply_frod(model, BERT_TARGETS)
-    _randomise(model)
+    randomise_frod(model, 0.2)
     fk.unload_frod(model, merge=False)
     assert torch.equal(model(ids).last_hidden_state, base)
 
@@ -136,7 +130,7 @@ def test_target_errors():
 def test_save_load_round_trip(tmp_path):
     model = _bert(seed=0)
     fk.apply_frod(model, BERT_TARGETS, sparse_rate=0.05, seed=7)
-    _randomise(model)
+    randomise_frod(model, 0.2)
     ids = torch.randint(0, 100, (2, 9))
     y = model(ids).last_hidden_state
     path = tmp_path / "adapter.safetensors"
