@@ -1,4 +1,4 @@
-"""The comparison layers of ``frod_kernels.baselines`` compute what they claim (float64, tight tolerances)."""
+"""The comparison layers of ``frod_kernels.bench.baselines`` compute what they claim (float64, tight tolerances)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from frod_kernels import FRoDLinear, joint_decompose
-from frod_kernels.baselines import (
+from frod_kernels.bench.baselines import (
     LoRALinear,
     NaiveDenseFRoDLinear,
     PublishedFRoDLinear,

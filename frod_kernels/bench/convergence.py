@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..baselines import LoRALinear, lora_rank_for_budget
 from ..model import apply_frod, frod_param_groups
+from .baselines import LoRALinear, lora_rank_for_budget
 from .timing import Progress
 
 __all__ = ["METHODS", "cache_dir", "format_report", "load_movie_reviews", "run_convergence"]
@@ -102,13 +102,13 @@ def _minilm_dir() -> Path:
 
 
 class Classifier(nn.Module):
-    """Encoder → mean over the attention mask → Linear(hidden, 2)."""
+    """Encoder → mean over the attention mask → Linear(hidden, classes), initialised from ``seed``."""
 
-    def __init__(self, encoder: nn.Module, hidden: int, seed: int) -> None:
+    def __init__(self, encoder: nn.Module, hidden: int, seed: int, classes: int = 2) -> None:
         super().__init__()
         self.encoder = encoder
         torch.manual_seed(seed)
-        self.head = nn.Linear(hidden, 2)
+        self.head = nn.Linear(hidden, classes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

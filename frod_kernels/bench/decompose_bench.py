@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..baselines import published_joint_decompose
 from ..decomposition import JointBasis, joint_decompose
+from .baselines import published_joint_decompose
 from .timing import Progress, Timed, peak_memory, summarize, time_interleaved
 
 __all__ = ["Category", "format_table", "reconstruction_error", "run_decompose_bench", "suite"]

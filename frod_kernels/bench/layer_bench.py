@@ -28,7 +28,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..baselines import (
+from ..dispatch import choose_path
+from ..layer import FRoDLinear
+from .baselines import (
     LoRALinear,
     NaiveDenseFRoDLinear,
     PublishedFRoDLinear,
@@ -36,8 +38,6 @@ from ..baselines import (
     lora_rank_for_budget,
     peft_frod_layer,
 )
-from ..dispatch import choose_path
-from ..layer import FRoDLinear
 from .timing import Progress, Timed, peak_memory, summarize, time_interleaved
 
 __all__ = [

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .decomposition import JointBasis
-from .layer import FRoDLinear
-from .reference import frod_linear_reference
+from ..decomposition import JointBasis
+from ..layer import FRoDLinear
+from ..reference import frod_linear_reference
 
 __all__ = [
     "LoRALinear",
