@@ -5,10 +5,12 @@
     frod-kernels bench           the layer sweep: d × N × ρ, JSON + plot
     frod-kernels decompose       joint decomposition vs the published route
     frod-kernels convergence     MiniLM sentiment fine-tuning: FRoD vs LoRA vs full fine-tuning
+    frod-kernels memorise        MiniLM memorising random key → label pairs: FRoD vs LoRA vs full vs head only
 
-Common options: --device, --dtype, --threads, --json PATH, --tiny (smallest sizes, for smoke
-tests), --no-progress. The Triton backend is validated on CUDA, or on CPU under Triton's
-interpreter when TRITON_INTERPRET=1 is set in the environment.
+Common options (before or after the subcommand): --device, --dtype, --threads, --json PATH, --tiny
+(smallest sizes, for smoke tests), --no-progress, --no-malloc-tuning. The Triton backend is
+validated on CUDA, or on CPU under Triton's interpreter when TRITON_INTERPRET=1 is set in the
+environment; the main job says which backends it skipped and why.
 """
 
 from __future__ import annotations
@@ -24,23 +26,30 @@ import torch
 __all__ = ["main"]
 
 
-def _common() -> argparse.ArgumentParser:
+def _common(suppress: bool = False) -> argparse.ArgumentParser:
+    """The options every command takes. The subcommands' copy (``suppress``) has no defaults, so that
+    an option given before the subcommand (``frod-kernels --tiny bench``) is not overwritten by the
+    subparser's default; the top-level parser supplies the defaults."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
-    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
-    p.add_argument("--tiny", action="store_true", help="smallest sizes (smoke test)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--no-malloc-tuning", action="store_true",
-                   help="keep glibc's default mmap/trim thresholds (see frod_kernels.bench.timing.tune_malloc)")
+
+    def add(*names: str, default=None, **kw) -> None:
+        p.add_argument(*names, default=argparse.SUPPRESS if suppress else default, **kw)
+
+    add("--device", help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    add("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    add("--threads", type=int, help="torch.set_num_threads (default: leave as is)")
+    add("--json", type=Path, metavar="PATH", help="write the results as JSON")
+    add("--tiny", default=False, action="store_true", help="smallest sizes (smoke test)")
+    add("--no-progress", default=False, action="store_true", help="no progress bar on stderr")
+    add("--no-malloc-tuning", default=False, action="store_true",
+        help="keep glibc's default mmap/trim thresholds (see frod_kernels.bench.timing.tune_malloc)")
     return p
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = _common()
+    common = _common(suppress=True)
     parser = argparse.ArgumentParser(
-        prog="frod-kernels", parents=[common], description=__doc__,
+        prog="frod-kernels", parents=[_common()], description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command")
@@ -62,6 +71,17 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                       help="override a learning rate, e.g. --lr lora=5e-3 --lr frod=1e-2,1e-3 (δ, s)")
     conv.add_argument("--plot", type=Path, default=None, metavar="PNG")
+    mem = sub.add_parser("memorise", parents=[common], help="MiniLM memorising random keys: FRoD vs LoRA vs full")
+    mem.add_argument("--keys", type=int, default=None, help="K training keys (default 512)")
+    mem.add_argument("--classes", type=int, default=None, help="C labels (default 8)")
+    mem.add_argument("--steps", type=int, default=None)
+    mem.add_argument("--batch", type=int, default=None)
+    mem.add_argument("--eval-every", type=int, default=None, help="steps between train-accuracy evaluations")
+    mem.add_argument("--seeds", type=int, nargs="+", default=None)
+    mem.add_argument("--methods", nargs="+", default=None)
+    mem.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
+                     help="learning-rate grid of a method, swept on the first seed (one value: no sweep)")
+    mem.add_argument("--plot", type=Path, default=None, metavar="PNG")
     return parser
 
 
@@ -98,9 +118,12 @@ def _format_validation(rows: Sequence[dict]) -> str:
 def _default(args: argparse.Namespace, device: torch.device) -> int:
     """Validation + a few layer timings; exit status 1 if any validation fails."""
     from .bench import layer_bench
-    from .bench.validate import validate
+    from .bench.validate import skipped_backends, validate
 
     dtype = getattr(torch, args.dtype)
+    skipped = skipped_backends(device)
+    for backend, why in skipped.items():
+        print(f"skipping the {backend} backend: {why}")
     shapes = ((24, 20, (2, 5)),) if args.tiny else ((96, 80, (3, 17)), (64, 64, (200,)))
     print(f"frod-kernels: validating against the float64 reference ({args.dtype}, {device}); "
           "max relative error per tensor, criterion: <= 2x plain PyTorch's error + eps")
@@ -120,7 +143,7 @@ def _default(args: argparse.Namespace, device: torch.device) -> int:
     print(layer_bench.format_table(timings))
     print("gemm = one N·d² product without autograd; the §5 floor of any layer needing dW-like statistics is 3x it")
     _write_json(args.json, {"machine": args.machine, "command": args.command_line, "validation": rows,
-                            "layers": timings})
+                            "skipped_backends": skipped, "layers": timings})
     print("validation:", "all passed" if ok else "FAILED")
     return 0 if ok else 1
 
@@ -189,14 +212,40 @@ def _convergence(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
+def _memorise(args: argparse.Namespace, device: torch.device) -> int:
+    from .bench import memorise
+    from .bench.plots import plot_memorise
+
+    grid = {}
+    for item in args.lr:
+        name, _, values = item.partition("=")
+        if name not in memorise.METHODS or not values:
+            raise SystemExit(f"--lr {item!r}: expected METHOD=LR[,LR...] for {memorise.METHODS}")
+        grid[name] = tuple(float(v) for v in values.split(","))
+    result = memorise.run_memorise(
+        device=device, tiny=args.tiny, keys=args.keys, classes=args.classes, steps=args.steps, batch=args.batch,
+        eval_every=args.eval_every, seeds=args.seeds, methods=args.methods, lr_grid=grid,
+        show_progress=not args.no_progress,
+    )
+    print(memorise.format_report(result))
+    _write_json(args.json, {"machine": args.machine, "command": args.command_line, **result})
+    if args.plot and plot_memorise(result, args.plot):
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``frod-kernels`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.command_line = " ".join(["frod-kernels", *argv])
     device = _setup(args)
-    from .bench.timing import machine_info
+    from .bench.timing import load_warning, machine_info
 
     args.machine = machine_info(device)  # at the start: the load average before the run
-    command = {"bench": _bench, "decompose": _decompose, "convergence": _convergence}.get(args.command, _default)
+    warning = load_warning(args.machine) if device.type == "cpu" else None
+    if warning:
+        print(warning, file=sys.stderr)
+    command = {"bench": _bench, "decompose": _decompose, "convergence": _convergence,
+               "memorise": _memorise}.get(args.command, _default)
     return command(args, device)

@@ -10,15 +10,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from frod_kernels.bench import memorise
+from frod_kernels.bench.baselines import peft_available
 from frod_kernels.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_cli(tmp_path: Path, *args: str) -> dict:
+def _run_cli(tmp_path: Path, *args: str, before: bool = False) -> dict:
+    """Run the CLI at tiny size; ``before``: the common options go before the subcommand."""
     out = tmp_path / "result.json"
-    assert main([*args, "--tiny", "--no-progress", "--json", str(out)]) == 0
+    common = ["--tiny", "--no-progress", "--json", str(out)]
+    assert main([*common, *args] if before else [*args, *common]) == 0
     return json.loads(out.read_text())
 
 
@@ -38,17 +43,57 @@ def test_bench(tmp_path):
 
 
 def test_decompose(tmp_path):
-    result = _run_cli(tmp_path, "decompose")
+    result = _run_cli(tmp_path, "decompose", before=True)  # options before the subcommand are kept
     (row,) = result["categories"]
     assert row["ours"]["max_error"] < 1e-12 and row["published"]["max_error"] < 1e-4
 
 
-def test_convergence(tmp_path):
+def test_convergence(tmp_path, capsys):
     pytest.importorskip("transformers")
     result = _run_cli(tmp_path, "convergence", "--steps", "3")
     assert set(result["methods"]) == {"frod", "lora", "lora_r8", "full"}
     assert all(len(m["runs"][0]["loss"]) == 3 for m in result["methods"].values())
-    assert "targets" in result
+    out = capsys.readouterr().out
+    # a smoke run meets no target
+    assert "targets" not in result and "targets: not assessed" in out and "met" not in out.split("targets:")[1]
+
+
+def test_memorise(tmp_path):
+    pytest.importorskip("transformers")
+    png = tmp_path / "memorise.png"
+    result = _run_cli(tmp_path, "memorise", "--plot", str(png), "--lr", "full=1e-3,3e-3", before=True)
+    expected = set(memorise.METHODS) - set(result["skipped"])
+    assert set(result["methods"]) == expected and expected >= {"head", "frod", "lora", "lora_4x", "full"}
+    assert ("peft_frod" in result["skipped"]) != peft_available()
+    assert [r["lr"] for r in result["sweep"]["full"]] == [1e-3, 3e-3]
+    assert [r["lr"] for r in result["sweep"]["frod"]] == list(memorise.LR_GRID["frod"])
+    m = result["methods"]
+    head = m["head"]["trainable"]
+    assert m["lora_4x"]["trainable"] - head == 4 * (m["lora"]["trainable"] - head)
+    assert m["frod"]["trainable"] < m["frod_rho0.04"]["trainable"] < m["full"]["trainable"]
+    for name, method in m.items():
+        (run,) = method["runs"]  # one seed: the sweep's run at the best learning rate is reused
+        assert run["lr"] == method["lr"] and run["steps"] == [4, 8] and 0 <= run["held_out_accuracy"] <= 100
+        ranks = [mean for mean, _ in method["rank90_fraction"].values()]
+        assert all(r == 0 for r in ranks) if name == "head" else all(0 < r <= 1 for r in ranks)
+    # LoRA's ΔW has rank ≤ r = 4 in lora_4x, so at most 4 of the query layer's 32 singular values
+    assert m["lora_4x"]["rank90_fraction"]["encoder.layer.0.attention.self.query"][0] <= 4 / 32
+    assert png.exists() or importlib.util.find_spec("matplotlib") is None
+
+
+def test_memorise_keys_and_spectrum():
+    vocab = torch.arange(10, 20)
+    ids, mask = memorise.make_keys(vocab, 50, 1, 2, torch.Generator().manual_seed(0))
+    lengths = mask.sum(1) - 2
+    assert ids.shape == (50, 12) and lengths.min() >= 6 and lengths.max() <= 10 and len(set(lengths.tolist())) > 1
+    assert (ids[:, 0] == 1).all() and (ids[torch.arange(50), lengths + 1] == 2).all()
+    inner = ids[:, 1:][mask[:, 1:].bool() & (ids[:, 1:] != 2)]
+    assert ((inner >= 10) & (inner < 20)).all()
+    assert memorise.spectrum_rank(torch.eye(10))[0] == 0.9
+    low = torch.randn(40, 2, dtype=torch.float64) @ torch.randn(2, 30, dtype=torch.float64)
+    fraction, cum = memorise.spectrum_rank(low)
+    assert fraction <= 2 / 30 and len(cum) == 30 and abs(cum[-1] - 1) < 1e-12
+    assert memorise.spectrum_rank(torch.zeros(5, 5))[0] == 0.0
 
 
 def _script(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:

