@@ -1,11 +1,18 @@
 """FRoD adapters: the trainable state of a model, in memory and as a safetensors file.
 
 An adapter holds only what training changed (δ and s of every FRoD layer, plus any other
-parameter left trainable, e.g. a task head) and the config that rebuilds the rest: sparse rate,
-seed, reg, mode, and per category its layers, shapes, pattern seed, a hash of the pattern and a
-fingerprint of the base weights. U, V, λ and the pattern are recomputed from the base model on
-load (bit-identically on the same machine); a model with other weights, shapes or pattern is
-refused with an error that says which.
+parameter left trainable, e.g. a task head, listed as ``extra``) and, per category, everything
+the basis is a function of: its layers, shape, sparse rate, pattern seed (and the user's base
+seed), reg, mode, the decomposition's algorithm version, a hash of Ω and a full fingerprint of
+the base weights (``fingerprint``). U, V, λ and Ω are recomputed from the base model on load
+(bit-identically on the same machine). A model whose weights, shapes, pattern, reg or algorithm
+differ is refused with an error that says which, before anything in it changes: δ and s mean
+something only in the basis that produced them, so a loaded model computes exactly the saved
+function or the load fails.
+
+Every load is transactional: on any refusal the model is left exactly as it was (FRoD not
+applied, flags and values untouched). Loading into a merged model unmerges the affected layers,
+loads, and merges them again with the new δ and s.
 """
 
 from __future__ import annotations
@@ -13,18 +20,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .layer import FRoDBasis
-from .model import apply_frod, frod_layers
+from .decomposition import ALGORITHM_VERSION
+from .fingerprint import weight_fingerprint
+from .layer import MODES, FRoDBasis, FRoDLinear
+from .model import CategorySpec, ModelTransaction, apply_categories, frod_categories, frod_layers
+from .pattern import sample_sparse_pattern
 
 __all__ = ["frod_state_dict", "load_frod", "load_frod_state_dict", "save_frod"]
 
 _FORMAT = "frod_kernels.adapter"
-_VERSION = "1"
+_VERSION = "2"
+_FROD_KEYS = ("delta", "sparse_values")
+
+# Per category: key -> accepted JSON types (None allowed where the second entry is type(None)).
+_CATEGORY_SCHEMA: dict[str, tuple[type, ...]] = {
+    "layers": (list,), "out_features": (int,), "in_features": (int,), "k": (int,),
+    "sparse_rate": (int, float), "seed": (int,), "base_seed": (int, type(None)), "reg": (int, float),
+    "mode": (str,), "source": (str,), "algorithm": (int, type(None)), "pattern": (str,),
+    "fingerprint": (str, type(None)), "basis": (str, type(None)),
+}
 
 
 def frod_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -42,15 +62,31 @@ def frod_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_frod_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy an adapter state dict into the model; every FRoD tensor must be present."""
+    """Copy an adapter state dict into the model: what ``frod_state_dict`` gives, and nothing else.
+
+    Every FRoD ``delta``/``sparse_values`` must be present; any other key must name a parameter
+    that is trainable in the model (unfreeze a head before loading it). A base weight is never
+    loaded: it is what the basis is computed from. Everything is checked before anything is
+    copied; merged layers are unmerged, loaded and merged again.
+    """
     params = dict(model.named_parameters())
-    expected = set(frod_state_dict(model))
-    missing = sorted(k for k in expected if k not in state_dict and k.rsplit(".", 1)[-1] in ("delta", "sparse_values"))
+    layers = frod_layers(model)
+    if not layers:
+        raise ValueError("the model has no FRoD layers (call apply_frod first)")
+    frod_keys = {f"{name}.{key}" for name in layers for key in _FROD_KEYS}
+    missing = sorted(k for k in frod_keys if k not in state_dict)
     if missing:
         raise ValueError(f"adapter lacks {len(missing)} FRoD tensors, e.g. {missing[:3]}")
     for name, tensor in state_dict.items():
         if name not in params:
             raise ValueError(f"adapter tensor {name!r} matches no parameter of the model")
+        if name not in frod_keys and not params[name].requires_grad:
+            raise ValueError(
+                f"adapter tensor {name!r} is neither a FRoD tensor nor a trainable parameter of the model; an "
+                f"adapter may not overwrite frozen weights (unfreeze it first if it is a head you trained)"
+            )
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"adapter tensor {name!r} is a {type(tensor).__name__}, not a tensor")
         if tuple(tensor.shape) != tuple(params[name].shape):
             raise ValueError(
                 f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, the model's {tuple(params[name].shape)}"
@@ -59,43 +95,86 @@ def load_frod_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             raise TypeError(f"adapter tensor {name!r} has dtype {tensor.dtype}, expected a floating-point dtype")
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"adapter tensor {name!r} holds NaN or Inf; refusing to load it")
+    merged = [layer for layer in layers.values() if layer.merged]
     with torch.no_grad():
-        for name, tensor in state_dict.items():
-            params[name].copy_(tensor)
+        old = [(params[name], params[name].detach().clone()) for name in state_dict]
+        for layer in merged:
+            layer.unmerge()
+        try:
+            for name, tensor in state_dict.items():
+                params[name].copy_(tensor)
+            for layer in merged:
+                layer.merge()
+        except BaseException:
+            for layer in merged:
+                layer.unmerge()
+            for param, value in old:
+                param.copy_(value)
+            for layer in merged:
+                layer.merge(safe=False)  # the state it was in, which merged before
+            raise
 
 
-def _pattern_hash(basis: FRoDBasis) -> str:
-    return hashlib.sha256(basis.indices.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+def _pattern_hash(indices: torch.Tensor) -> str:
+    return hashlib.sha256(indices.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def _categories(model: nn.Module) -> dict[str, dict]:
+def _basis_hash(basis: FRoDBasis) -> str:
+    return weight_fingerprint([basis.V])
+
+
+def _current_fingerprint(basis: FRoDBasis, layers: list[FRoDLinear]) -> str | None:
+    """The fingerprint of the base weights the layers hold now (None in factored mode: no W)."""
+    weights = [layer._base_weight() for layer in layers]
+    if any(w is None for w in weights):
+        return basis.fingerprint
+    return weight_fingerprint(weights)
+
+
+def _describe(model: nn.Module) -> dict[str, dict]:
+    """The per-category metadata of an adapter; refuses a model whose base weights changed after
+    its basis was computed (the basis would no longer be a function of the weights it sits on)."""
+    all_layers = frod_layers(model)
     cats: dict[str, dict] = {}
-    for name, layer in frod_layers(model).items():
-        b = layer.basis
-        entry = cats.setdefault(b.name or name, {
-            "layers": [], "in_features": layer.in_features, "out_features": layer.out_features,
-            "k": b.k, "sparse_rate": b.sparse_rate, "seed": b.seed, "reg": b.reg, "mode": layer.mode,
-            "pattern": _pattern_hash(b), "fingerprint": getattr(b, "fingerprint", None),
-        })
-        entry["layers"].append(name)
+    for name, (basis, names) in frod_categories(model).items():
+        layers = [all_layers[n] for n in names]
+        fingerprint = _current_fingerprint(basis, layers)
+        if basis.fingerprint is not None and fingerprint != basis.fingerprint:
+            raise ValueError(
+                f"category {name!r}: its base weights changed after FRoD was applied (the basis V was computed "
+                f"from other weights); re-apply FRoD to the new base model instead of saving this one"
+            )
+        first = layers[0]
+        cats[name] = {
+            "layers": names, "out_features": first.out_features, "in_features": first.in_features, "k": basis.k,
+            "sparse_rate": basis.sparse_rate, "seed": basis.seed, "base_seed": basis.base_seed, "reg": basis.reg,
+            "mode": first.mode, "source": basis.source, "algorithm": basis.algorithm,
+            "pattern": _pattern_hash(basis.indices), "fingerprint": fingerprint,
+            "basis": _basis_hash(basis) if basis.source == "given" else None,
+        }
     return cats
 
 
-def save_frod(model: nn.Module, path: str | os.PathLike, seed: int | None = None) -> None:
-    """Write the adapter to ``path`` (safetensors) atomically: a temporary file, then a rename.
+def save_frod(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the adapter to ``path`` (safetensors) atomically: a unique temporary file beside the
+    target, fsynced, then renamed over it. A symlink at ``path`` is followed, not replaced.
 
-    ``seed`` is the base seed given to ``apply_frod``; it is stored so that ``load_frod`` can
-    rebuild FRoD on a bare base model (omit it for layers built one by one).
+    The file holds δ, s and every other trainable parameter, and per category all that rebuilds
+    and checks the basis: ``load_frod`` needs nothing else (no seed to pass again).
     """
     from safetensors.torch import save_file
 
     tensors = {k: v.contiguous() for k, v in frod_state_dict(model).items()}
-    cats = _categories(model)
-    first = next(iter(cats.values()))
-    config = {"sparse_rate": first["sparse_rate"], "reg": first["reg"], "mode": first["mode"], "seed": seed}
-    metadata = {"format": _FORMAT, "version": _VERSION, "config": json.dumps(config), "categories": json.dumps(cats)}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    cats = _describe(model)
+    frod_keys = {f"{name}.{key}" for c in cats.values() for name in c["layers"] for key in _FROD_KEYS}
+    metadata = {
+        "format": _FORMAT, "version": _VERSION, "categories": json.dumps(cats),
+        "extra": json.dumps(sorted(k for k in tensors if k not in frod_keys)),
+    }
+    path = Path(os.path.realpath(path))
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         _fsync(tmp)  # the bytes are on disk before the rename makes them the adapter
@@ -112,7 +191,37 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+def _parse_metadata(path: Path, metadata: dict) -> tuple[dict[str, dict], list[str]]:
+    """(categories, extra keys) from the file's metadata, every field checked for its type."""
+
+    def damaged(what: str) -> ValueError:
+        return ValueError(f"{path} has damaged FRoD metadata: {what}")
+
+    try:
+        cats, extra = json.loads(metadata["categories"]), json.loads(metadata["extra"])
+    except KeyError as exc:
+        raise damaged(f"no {exc.args[0]!r} entry") from exc
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise damaged(f"not JSON ({exc})") from exc
+    if not isinstance(cats, dict) or not cats:
+        raise damaged(f"'categories' must be a non-empty JSON object, got {type(cats).__name__}")
+    if not isinstance(extra, list) or not all(isinstance(k, str) for k in extra):
+        raise damaged("'extra' must be a JSON list of tensor names")
+    for name, cat in cats.items():
+        if not isinstance(cat, dict):
+            raise damaged(f"category {name!r} must be a JSON object, got {type(cat).__name__}")
+        for key, types in _CATEGORY_SCHEMA.items():
+            if key not in cat:
+                raise damaged(f"category {name!r} has no {key!r}")
+            value = cat[key]
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise damaged(f"category {name!r}: {key!r} is {value!r}")
+        if not cat["layers"] or not all(isinstance(layer, str) for layer in cat["layers"]):
+            raise damaged(f"category {name!r}: 'layers' must be a non-empty list of module names")
+    return cats, extra
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[str]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -127,47 +236,114 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     if metadata.get("format") != _FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a FRoD adapter (no '{_FORMAT}' metadata)")
     if metadata.get("version") != _VERSION:
-        raise ValueError(f"{path} has adapter format version {metadata.get('version')!r}; this reads {_VERSION!r}")
-    try:
-        return tensors, json.loads(metadata["config"]), json.loads(metadata["categories"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} has damaged FRoD metadata (config/categories): {exc}") from exc
+        raise ValueError(
+            f"{path} has adapter format version {metadata.get('version')!r}; this frod_kernels reads {_VERSION!r} "
+            f"(format 1 fingerprinted only a sample of the base weights: re-save it from the trained model)"
+        )
+    cats, extra = _parse_metadata(path, metadata)
+    frod_keys = {f"{name}.{key}" for c in cats.values() for name in c["layers"] for key in _FROD_KEYS}
+    undeclared = sorted(set(tensors) - frod_keys - set(extra))
+    if undeclared:
+        raise ValueError(f"{path} holds tensors its metadata does not declare, e.g. {undeclared[0]!r}")
+    return tensors, cats, extra
+
+
+def _seed_text(cat: dict) -> str:
+    return f"seed {cat['base_seed']}" if cat["base_seed"] is not None else f"pattern seed {cat['seed']}"
+
+
+def _check_rebuildable(path: Path, name: str, cat: dict) -> None:
+    """Refuse a category whose basis this version cannot rebuild bit-compatibly, before any work."""
+    if cat["source"] != "joint_decompose":
+        raise ValueError(
+            f"{path}: category {name!r} was trained on a basis given by the caller, not computed from the weights; "
+            f"build the FRoD layers with that basis first, then load the adapter into them"
+        )
+    if cat["algorithm"] != ALGORITHM_VERSION:
+        raise ValueError(
+            f"{path}: category {name!r} was decomposed by algorithm version {cat['algorithm']}, this frod_kernels "
+            f"has {ALGORITHM_VERSION}: the basis would differ, so δ and s would mean something else"
+        )
+    pattern = sample_sparse_pattern(cat["in_features"], cat["sparse_rate"], cat["seed"])
+    if (pattern.shape[1], _pattern_hash(pattern)) != (cat["k"], cat["pattern"]):
+        raise ValueError(
+            f"{path}: category {name!r}: its sparse pattern cannot be drawn again here (k={cat['k']}, "
+            f"rate {cat['sparse_rate']}, {_seed_text(cat)})"
+        )
+
+
+def _check_against_model(path: Path, have: dict[str, dict], cats: dict[str, dict]) -> None:
+    """The model's FRoD categories (``_describe``) must be the adapter's, input for input."""
+    for name, want in cats.items():
+        got = have.get(name)
+        if got is None:
+            raise ValueError(f"adapter category {name!r} has no FRoD layers in the model")
+        if got["layers"] != want["layers"]:
+            raise ValueError(f"category {name!r}: adapter layers {want['layers'][:3]}… differ from the model's")
+        if (got["out_features"], got["in_features"]) != (want["out_features"], want["in_features"]):
+            raise ValueError(
+                f"category {name!r}: adapter shape {want['out_features']}x{want['in_features']}, "
+                f"model {got['out_features']}x{got['in_features']}"
+            )
+        if (got["source"], got["algorithm"]) != (want["source"], want["algorithm"]):
+            raise ValueError(
+                f"category {name!r}: the adapter's basis came from {want['source']} (algorithm {want['algorithm']}), "
+                f"the model's from {got['source']} (algorithm {got['algorithm']})"
+            )
+        if want["basis"] is not None and got["basis"] != want["basis"]:
+            raise ValueError(f"category {name!r}: the model's given basis V differs from the adapter's")
+        if want["fingerprint"] is None or got["fingerprint"] != want["fingerprint"]:
+            raise ValueError(
+                f"category {name!r}: the model's base weights differ from those the adapter was trained on"
+            )
+        if got["reg"] != want["reg"]:
+            raise ValueError(
+                f"category {name!r}: the model's basis was decomposed with reg={got['reg']}, the adapter's with "
+                f"reg={want['reg']}; δ and s mean something else in another basis"
+            )
+        if (got["k"], got["pattern"]) != (want["k"], want["pattern"]):
+            raise ValueError(
+                f"category {name!r}: sparse pattern differs (adapter k={want['k']}, {_seed_text(want)}, "
+                f"rate {want['sparse_rate']}; model k={got['k']}, {_seed_text(got)}, rate {got['sparse_rate']})"
+            )
 
 
 def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None) -> nn.Module:
-    """Load an adapter into ``model``: a base model (FRoD is applied from the file's config) or
+    """Load an adapter into ``model``: a base model (FRoD is applied from the file's categories) or
     a model that already has the same FRoD layers. Returns the model.
 
     δ means the same in both modes (λ' = λ + δ), so an adapter saved in one mode loads into a
     model in the other; ``mode`` picks the mode when FRoD is applied to a base model (default:
-    the mode it was saved in).
+    each category's mode when saved). Parameters listed as ``extra`` (a head) are loaded and left
+    trainable, as they were when saved. On any refusal the model is left exactly as it was.
     """
     path = Path(path)
-    tensors, config, cats = _read(path)
-    if not frod_layers(model):
-        if config.get("seed") is None:
-            raise ValueError(f"{path} was saved without the base seed; apply_frod to the model first")
-        targets = [name for cat in cats.values() for name in cat["layers"]]
-        apply_frod(model, targets, sparse_rate=config["sparse_rate"], seed=config["seed"], reg=config["reg"],
-                   mode=mode or config["mode"])
-    have = _categories(model)
-    for cat, want in cats.items():
-        got = have.get(cat)
-        if got is None:
-            raise ValueError(f"adapter category {cat!r} has no FRoD layers in the model")
-        if got["layers"] != want["layers"]:
-            raise ValueError(f"category {cat!r}: adapter layers {want['layers'][:3]}… differ from the model's")
-        if (got["out_features"], got["in_features"]) != (want["out_features"], want["in_features"]):
-            raise ValueError(
-                f"category {cat!r}: adapter shape {want['out_features']}x{want['in_features']}, "
-                f"model {got['out_features']}x{got['in_features']}"
-            )
-        if want["fingerprint"] and got["fingerprint"] and want["fingerprint"] != got["fingerprint"]:
-            raise ValueError(f"category {cat!r}: the model's base weights differ from those the adapter was trained on")
-        if (got["k"], got["pattern"]) != (want["k"], want["pattern"]):
-            raise ValueError(
-                f"category {cat!r}: sparse pattern differs (adapter k={want['k']}, seed {want['seed']}, "
-                f"rate {want['sparse_rate']}; model k={got['k']}, seed {got['seed']}, rate {got['sparse_rate']})"
-            )
-    load_frod_state_dict(model, tensors)
+    tensors, cats, extra = _read(path)
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    params = dict(model.named_parameters())
+    unknown = [k for k in extra if k not in params]
+    if unknown:
+        raise ValueError(f"adapter tensor {unknown[0]!r} matches no parameter of the model")
+    with ModelTransaction(model) as tx:
+        if not frod_layers(model):
+            for name, cat in cats.items():
+                _check_rebuildable(path, name, cat)
+            specs = {
+                name: CategorySpec(cat["layers"], cat["sparse_rate"], cat["seed"], cat["reg"], mode or cat["mode"],
+                                   cat["base_seed"])
+                for name, cat in cats.items()
+            }
+            apply_categories(model, specs, {name: cat["fingerprint"] for name, cat in cats.items()}, tx)
+        _check_against_model(path, _describe(model), cats)
+        params = dict(model.named_parameters())
+        frod_weights = {id(layer.weight) for layer in frod_layers(model).values()}
+        for key in extra:
+            if id(params[key]) in frod_weights:
+                raise ValueError(
+                    f"adapter tensor {key!r} is a FRoD layer's base weight: the basis is computed from it, an "
+                    f"adapter may not replace it"
+                )
+            params[key].requires_grad_(True)
+        load_frod_state_dict(model, tensors)
     return model

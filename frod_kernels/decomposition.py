@@ -13,19 +13,29 @@ columns) and λ_i (n) with W_i = U_i·diag(λ_i)·Vᵀ, exactly up to rounding:
 Exactness does not depend on how well T is resolved: B_i Vᵀ = Q_i E Eᵀ R = Q_i R = W_i for any
 orthogonal E, so the reconstruction error is that of the triangular solve. A singular Gram sum
 (L·o < n, or rank-deficient weights) gets a small diagonal jitter, escalated until R is well
-defined; Q_i is still solved from W_i, so W_i = Q_i R stays exact and V stays invertible.
+defined (at most to 1e-2 of the mean diagonal, else the stack is refused); Q_i is still solved
+from W_i, so W_i = Q_i R stays exact and V stays invertible.
+
+The decomposition is scale-equivariant (c·W_i = U_i·diag(λ_i)·(c·V)ᵀ), so the stack is first
+divided by a power of two 2^e near its largest magnitude, exactly, and V is multiplied back at the
+end: weights of size 1e±200 neither overflow the Gram matrix nor underflow it, and the reported
+errors are those of the well-scaled problem.
+
+``ALGORITHM_VERSION`` names this algorithm: adapters record it, since δ and s mean something
+only in the basis that produced them.
 """
 
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["JointBasis", "check_weights", "joint_decompose", "validate_reg"]
+__all__ = ["ALGORITHM_VERSION", "JointBasis", "check_weights", "joint_decompose", "validate_reg"]
 
 logger = logging.getLogger("frod_kernels")
 
@@ -33,6 +43,12 @@ logger = logging.getLogger("frod_kernels")
 # singular: Q = W R⁻¹ would amplify rounding by 1/ratio.
 _PIVOT_RATIO = 1e-7
 _JITTER_START = 1e-12
+# The largest jitter tried, as a fraction of the Gram matrix's mean diagonal: beyond it the basis
+# would describe the jitter more than the weights.
+_JITTER_MAX = 1e-2
+
+# Bump when a change to the maths gives a different basis for the same weights.
+ALGORITHM_VERSION = 1
 
 
 @dataclass
@@ -41,7 +57,8 @@ class JointBasis:
 
     V: (n, n) shared basis.  U: L tensors (o, n) with unit (or zero) columns.  lam: L tensors (n,).
     errors: relative reconstruction error ‖W_i − U_i diag(λ_i) Vᵀ‖_F / ‖W_i‖_F per layer (float64).
-    jitter: the diagonal added to the Gram sum (0.0 unless it was singular).
+    jitter: the diagonal added to the Gram sum, as a fraction of its mean diagonal (0.0 unless it
+        was singular).
     """
 
     V: torch.Tensor
@@ -56,7 +73,7 @@ class JointBasis:
 
 def validate_reg(reg: float) -> float:
     """Return ``reg`` (α of step 3) as a float if it is a positive finite number, else raise."""
-    if isinstance(reg, bool) or not isinstance(reg, (int, float)):
+    if isinstance(reg, bool) or not isinstance(reg, numbers.Real):
         raise TypeError(f"reg must be a number, got {type(reg).__name__}")
     if not 0.0 < float(reg) < float("inf"):
         raise ValueError(f"reg must be a positive finite number, got {reg!r}")
@@ -73,6 +90,8 @@ def check_weights(weights: Sequence[torch.Tensor]) -> tuple[int, int]:
             raise ValueError(f"weight {i} must be a 2-D tensor (out_features, in_features)")
         if tuple(w.shape) != (o, n):
             raise ValueError(f"weight {i} has shape {tuple(w.shape)}, expected {(o, n)} like weight 0")
+        if w.numel() == 0:
+            raise ValueError(f"weight {i} has shape {tuple(w.shape)}: FRoD needs at least one input and one output")
         if w.device != weights[0].device:
             raise ValueError(f"weight {i} is on {w.device}, weight 0 on {weights[0].device}")
         if not w.is_floating_point():
@@ -83,18 +102,28 @@ def check_weights(weights: Sequence[torch.Tensor]) -> tuple[int, int]:
 
 
 def _cholesky_upper(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Upper R with gram + jitter·I = Rᵀ R, the jitter escalated from 0 until R is sound."""
+    """(R, j): upper R with gram + j·mean(diag(gram))·I = Rᵀ R, j escalated from 0 until R is sound."""
     n = gram.shape[0]
     scale = float(gram.diagonal().mean()) or 1.0
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
     jitter = 0.0
-    while True:
+    while jitter <= _JITTER_MAX * scale:
         low, info = torch.linalg.cholesky_ex(gram + jitter * eye if jitter else gram)
         if int(info) == 0:
             pivots = low.diagonal()
             if float(pivots.min()) > _PIVOT_RATIO * float(pivots.max()):
-                return low.mT, jitter
+                return low.mT, jitter / scale
         jitter = _JITTER_START * scale if jitter == 0.0 else jitter * 100.0
+    raise ValueError(
+        f"cannot decompose: the Gram matrix of the weights stays singular with a diagonal jitter of "
+        f"{_JITTER_MAX:g} x its mean diagonal (columns of wildly different scale?)"
+    )
+
+
+def _times_power_of_two(t: torch.Tensor, exponent: int) -> torch.Tensor:
+    """t·2^exponent, exact: two factors, so that neither 2^±e/2 over- nor underflows (|e| ≤ 1074)."""
+    half = exponent // 2
+    return t * 2.0**half * 2.0 ** (exponent - half)
 
 
 def _mean_regularised_inverse(qs: list[torch.Tensor], reg: float) -> torch.Tensor:
@@ -135,6 +164,10 @@ def joint_decompose(
     started = time.perf_counter()
     dtype = dtype or weights[0].dtype
     ws = [w.detach().to(torch.float64) for w in weights]
+    # Power-of-two scaling is exact: 2^e·(W/2^e) = W bit for bit (see the module docstring).
+    peak = max(float(w.abs().max()) for w in ws)
+    exponent = int(torch.frexp(torch.tensor(peak, dtype=torch.float64)).exponent) if peak > 0 else 0
+    ws = [_times_power_of_two(w, -exponent) for w in ws]
 
     gram = sum(w.mT @ w for w in ws)
     r, jitter = _cholesky_upper(gram)
@@ -153,10 +186,14 @@ def joint_decompose(
         errors.append(float(torch.linalg.norm(w - (u * lam) @ v.mT) / torch.linalg.norm(w).clamp_min(1e-300)))
         us.append(u.to(dtype))
         lams.append(lam.to(dtype))
+    v = _times_power_of_two(v, exponent)
+    stored = v.to(dtype)
+    if not (bool(torch.isfinite(stored).all()) and all(bool(torch.isfinite(u).all()) for u in us)):
+        raise ValueError(f"cannot decompose: the shared basis V overflows {dtype} (weights too large for it)")
     elapsed = time.perf_counter() - started
     logger.info(
         "joint_decompose %s: %d x (%d, %d) in %.2fs, max rel. error %.2e%s",
         name or "<category>", len(ws), *ws[0].shape, elapsed, max(errors),
         f", jitter {jitter:.1e}" if jitter else "",
     )
-    return JointBasis(V=v.to(dtype), U=us, lam=lams, errors=errors, jitter=jitter)
+    return JointBasis(V=stored, U=us, lam=lams, errors=errors, jitter=jitter)

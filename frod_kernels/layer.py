@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .decomposition import joint_decompose, validate_reg
+from .decomposition import ALGORITHM_VERSION, joint_decompose, validate_reg
 from .dispatch import BACKENDS, PATHS
+from .fingerprint import weight_fingerprint
 from .functional import frod_linear
 from .pattern import SparsePattern, sample_sparse_pattern, validate_sparse_rate
 from .reference import rotation_matrix
@@ -39,8 +40,17 @@ class FRoDBasis(nn.Module):
 
     def __init__(
         self, V: torch.Tensor, sparse_indices: torch.Tensor, sparse_rate: float, seed: int, reg: float,
-        name: str = "",
+        name: str = "", *, base_seed: int | None = None, source: str = "given", fingerprint: str | None = None,
+        max_error: float = 0.0, jitter: float = 0.0,
     ) -> None:
+        """Args beyond V and Ω record where the basis came from, for adapters and summaries:
+
+        seed: the pattern's own seed; base_seed: the seed given to ``apply_frod`` it was derived
+        from (None for a layer built on its own); reg: α of the decomposition; source:
+        ``"joint_decompose"`` when V is a function of the category's base weights (rebuilt on
+        load), ``"given"`` when the caller supplied it; fingerprint: of the base weights V was
+        computed from (``fingerprint.weight_fingerprint``); max_error, jitter: the decomposition's.
+        """
         super().__init__()
         n = V.shape[0]
         pattern = SparsePattern.from_indices(sparse_indices.to(V.device), n)
@@ -48,6 +58,9 @@ class FRoDBasis(nn.Module):
         for field, tensor in zip(SparsePattern._fields, pattern, strict=True):
             self.register_buffer(field, tensor, persistent=False)
         self.sparse_rate, self.seed, self.reg, self.name = sparse_rate, seed, reg, name
+        self.base_seed, self.source, self.fingerprint = base_seed, source, fingerprint
+        self.algorithm = ALGORITHM_VERSION if source == "joint_decompose" else None
+        self.max_error, self.jitter = max_error, jitter
 
     @property
     def pattern(self) -> SparsePattern:
@@ -84,6 +97,17 @@ class FactoredWeight:
 
     def dim(self) -> int:
         return self.ndim
+
+    def __getattr__(self, name: str):
+        # Tensor attributes (``.T``, ``.data``, ``.float()``, …) would need values: the same
+        # TypeError as a torch function. Anything else is a plain missing attribute, so that
+        # ``getattr(w, "quant_state", None)`` and ``hasattr`` keep working.
+        if not name.startswith("__") and hasattr(torch.Tensor, name):
+            raise TypeError(
+                f"FactoredWeight.{name}: a factored FRoDLinear stores no weight tensor; use "
+                f"effective_weight() for W' or merge() to materialise it"
+            )
+        raise AttributeError(f"'FactoredWeight' object has no attribute {name!r}")
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -187,14 +211,19 @@ class FRoDLinear(nn.Module):
         sparse_rate = validate_sparse_rate(sparse_rate)
         reg = validate_reg(reg)
         weight = linear.weight
+        source, max_error, jitter = "given", 0.0, 0.0
         if basis is None:
             jb = joint_decompose([weight], reg=reg)
             U, V, lam = jb.U[0], jb.V, jb.lam[0]
+            source, max_error, jitter = "joint_decompose", jb.errors[0], jb.jitter
         else:
             U, V, lam = basis
         if shared is None:
             indices = sample_sparse_pattern(weight.shape[1], sparse_rate, seed)
-            shared = FRoDBasis(V.to(device=weight.device, dtype=weight.dtype), indices, sparse_rate, seed, reg)
+            shared = FRoDBasis(
+                V.to(device=weight.device, dtype=weight.dtype), indices, sparse_rate, seed, reg, source=source,
+                fingerprint=weight_fingerprint([weight]), max_error=max_error, jitter=jitter,
+            )
         return cls(weight, linear.bias, U, lam, shared, mode=mode, backend=backend, path=path,
                    param_dtype=param_dtype)
 
@@ -239,6 +268,34 @@ class FRoDLinear(nn.Module):
             x, self._base_weight(), self.bias, self.U, self.basis.V, self._diag(), self.basis.pattern,
             self.sparse_values, backend=self.backend, path=self.path,
         )
+
+    # -- state dicts: always (W, b, δ, s), whether merged or not ------------------------------------
+    #
+    # A merged layer holds W' in ``weight``; saving that beside δ and s would apply the update twice
+    # on load. So the state dict of a merged layer holds the base W (additive) or no weight
+    # (factored), exactly as when unmerged, and loading into a merged layer unmerges it, loads, and
+    # merges again with the new δ and s: a checkpoint restores the trained function either way.
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            if self.mode == "factored":
+                del destination[prefix + "weight"]
+            else:
+                destination[prefix + "weight"] = self._unmerged_weight
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        merged = self.merged
+        self.unmerge()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
+        )
+        if merged:
+            try:
+                self.merge()
+            except ValueError as exc:  # load_state_dict raises with every message once all modules ran
+                error_msgs.append(f"{prefix or 'FRoDLinear'}: loaded, but could not merge again: {exc}")
 
     def _apply(self, fn, recurse: bool = True):
         # The weight kept for unmerge is a plain attribute: convert it with the module so that

@@ -15,7 +15,6 @@ stored contiguously, so the unloaded model has the original architecture and che
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import sys
@@ -28,16 +27,23 @@ import torch
 from torch import nn
 
 from .decomposition import check_weights, joint_decompose, validate_reg
+from .dispatch import BACKENDS, PATHS
+from .fingerprint import weight_fingerprint
 from .layer import MODES, FRoDBasis, FRoDLinear
 from .pattern import sample_sparse_pattern, validate_seed, validate_sparse_rate
 
 __all__ = [
+    "CategorySpec",
     "FRoDSummary",
+    "ModelTransaction",
+    "apply_categories",
     "apply_frod",
     "category_name",
+    "frod_categories",
     "frod_layers",
     "frod_param_groups",
     "merge_frod",
+    "summarize",
     "unload_frod",
     "unmerge_frod",
 ]
@@ -61,20 +67,13 @@ def category_seed(seed: int, category: str) -> int:
     return (seed * 0x9E3779B1 + zlib.crc32(category.encode())) % 2**63
 
 
-def weight_fingerprint(weights: Sequence[torch.Tensor]) -> str:
-    """A short hash of the base weights' shapes, dtypes and a strided sample of their bits."""
-    h = hashlib.sha256()
-    for w in weights:
-        flat = w.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].contiguous().cpu()
-        h.update(f"{tuple(w.shape)}:{w.dtype}:".encode())
-        h.update(sample.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 @dataclass
 class FRoDSummary:
-    """What ``apply_frod`` did: per category (layers, o, n, k, max reconstruction error)."""
+    """The FRoD categories of a model after ``apply_frod``: per category (layers, o, n, k, rate,
+    max reconstruction error), and the trainable count of the whole model.
+
+    It covers every FRoD layer of the model, those of earlier ``apply_frod`` calls included.
+    """
 
     categories: dict[str, dict] = field(default_factory=dict)
     trainable: int = 0
@@ -89,15 +88,63 @@ class FRoDSummary:
         return 100.0 * self.trainable / max(self.total, 1)
 
     def __str__(self) -> str:
-        lines = [f"{'category':<48} {'layers':>6} {'o x n':>11} {'k':>9} {'max rel. err':>12}"]
+        lines = [f"{'category':<48} {'layers':>6} {'o x n':>11} {'k':>9} {'rate':>7} {'max rel. err':>12}"]
         for name, c in self.categories.items():
             shape = f"{c['out_features']}x{c['in_features']}"
-            lines.append(f"{name:<48} {len(c['layers']):>6} {shape:>11} {c['k']:>9} {c['max_error']:>12.2e}")
+            lines.append(
+                f"{name:<48} {len(c['layers']):>6} {shape:>11} {c['k']:>9} {c['sparse_rate']:>7g} "
+                f"{c['max_error']:>12.2e}"
+            )
         lines.append(
             f"{self.layers} FRoD layers in {len(self.categories)} categories; trainable "
             f"{self.trainable:,} of {self.total:,} parameters ({self.percent:.3f}%)"
         )
         return "\n".join(lines)
+
+
+@dataclass
+class CategorySpec:
+    """What builds one category: its layers (module names) and the inputs of its basis and Ω.
+
+    ``seed`` is the pattern's own seed (``category_seed(base_seed, name)`` under ``apply_frod``);
+    ``base_seed`` is the seed the user gave, kept for messages and adapters.
+    """
+
+    layers: list[str]
+    sparse_rate: float
+    seed: int
+    reg: float
+    mode: str
+    base_seed: int | None = None
+
+
+def frod_categories(model: nn.Module) -> dict[str, tuple[FRoDBasis, list[str]]]:
+    """{category name: (its FRoDBasis, its layers' names)} for every FRoD layer of ``model``.
+
+    A layer built on its own (``FRoDLinear.from_linear``) is a category of one, named after it.
+    """
+    cats: dict[str, tuple[FRoDBasis, list[str]]] = {}
+    by_basis: dict[int, str] = {}
+    for name, layer in frod_layers(model).items():
+        key = by_basis.setdefault(id(layer.basis), layer.basis.name or name)
+        cats.setdefault(key, (layer.basis, []))[1].append(name)
+    return cats
+
+
+def summarize(model: nn.Module) -> FRoDSummary:
+    """The ``FRoDSummary`` of every FRoD category in ``model`` and its trainable count."""
+    summary = FRoDSummary()
+    all_layers = frod_layers(model)
+    for name, (basis, layers) in frod_categories(model).items():
+        layer = all_layers[layers[0]]
+        summary.categories[name] = {
+            "layers": layers, "out_features": layer.out_features, "in_features": layer.in_features, "k": basis.k,
+            "sparse_rate": basis.sparse_rate, "seed": basis.base_seed, "reg": basis.reg,
+            "max_error": basis.max_error, "jitter": basis.jitter,
+        }
+    summary.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary.total = sum(p.numel() for p in model.parameters())
+    return summary
 
 
 def _matcher(target_modules: str | Sequence[str]):
@@ -136,35 +183,171 @@ def _from_linear(linear: nn.Linear, cls: type[nn.Module]) -> nn.Module:
     return conv.to(linear.weight.device)
 
 
-def _find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> dict[str, list[tuple[str, nn.Module]]]:
+@dataclass
+class _Target:
+    """A module to replace: its canonical name (the first ``named_modules`` gives) and every name
+    under which the model reaches it (a module assigned to two attributes has two)."""
+
+    name: str
+    aliases: list[str]
+    module: nn.Module
+
+
+def _modules_with_all_names(model: nn.Module) -> list[_Target]:
+    """Every submodule once, in ``named_modules`` order, with all the names it is reachable under."""
+    found: dict[int, _Target] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            found.setdefault(id(module), _Target(name, [], module)).aliases.append(name)
+    return list(found.values())
+
+
+def _find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[_Target]:
     matches = _matcher(target_modules)
     conv1d = _conv1d_class()
-    groups: dict[str, list[tuple[str, nn.Module]]] = {}
-    for name, module in model.named_modules():
-        if not name or not matches(name):
+    targets = []
+    for target in _modules_with_all_names(model):
+        if not any(matches(name) for name in target.aliases):
             continue
-        if isinstance(module, FRoDLinear):
-            raise ValueError(f"module {name!r} is already a FRoDLinear (apply_frod was applied before)")
-        if type(module) is not nn.Linear and (conv1d is None or type(module) is not conv1d):
-            raise TypeError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear or transformers Conv1D")
-        groups.setdefault(category_name(name), []).append((name, module))
-    if not groups:
+        if isinstance(target.module, FRoDLinear):
+            raise ValueError(f"module {target.name!r} is already a FRoDLinear (apply_frod was applied before)")
+        if type(target.module) is not nn.Linear and (conv1d is None or type(target.module) is not conv1d):
+            raise TypeError(
+                f"target {target.name!r} is a {type(target.module).__name__}, not an nn.Linear or transformers Conv1D"
+            )
+        targets.append(target)
+    if not targets:
         raise ValueError(f"target_modules {target_modules!r} matched no module of the model")
-    for cat, members in groups.items():
-        shapes = {tuple(_as_linear(m).weight.shape) for _, m in members}
-        if len(shapes) > 1:
-            raise ValueError(f"category {cat!r} mixes weight shapes {sorted(shapes)}; give narrower targets")
+    return targets
+
+
+def _group(targets: list[_Target], taken: set[str]) -> dict[str, list[_Target]]:
+    """Categories: same path pattern (``category_name``) and same weight shape.
+
+    Layers of different shapes can never share a basis, so a pattern that holds several shapes
+    (a top-level ``Sequential``'s ``0`` and ``2``) becomes one category per shape, named
+    ``pattern[oxn]``. A name already used by an earlier ``apply_frod`` call gets ``#2``, ``#3``….
+    """
+    by_pattern: dict[str, dict[tuple[int, int], list[_Target]]] = {}
+    for t in targets:
+        shape = tuple(_as_linear(t.module).weight.shape)
+        by_pattern.setdefault(category_name(t.name), {}).setdefault(shape, []).append(t)
+    groups: dict[str, list[_Target]] = {}
+    for pattern, shapes in by_pattern.items():
+        for (o, n), members in shapes.items():
+            base = pattern if len(shapes) == 1 else f"{pattern}[{o}x{n}]"
+            name, i = base, 1
+            while name in taken or name in groups:
+                i += 1
+                name = f"{base}#{i}"
+            groups[name] = members
     return groups
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+class ModelTransaction:
+    """Undo log for changes to a model: module replacements and ``requires_grad`` flags.
+
+    ``with ModelTransaction(model) as tx:`` rolls every recorded change back if the block raises,
+    so a refused call leaves the model exactly as it was."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._replaced: list[tuple[str, nn.Module]] = []
+
+    def replace(self, name: str, new: nn.Module) -> None:
+        self._replaced.append((name, _replace(self.model, name, new)))
+
+    def rollback(self) -> None:
+        for name, old in reversed(self._replaced):
+            _replace(self.model, name, old)
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+
+    def __enter__(self) -> ModelTransaction:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.rollback()
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at module path ``name``; return the module that was there."""
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
 
 
 def frod_layers(model: nn.Module) -> dict[str, FRoDLinear]:
-    """The model's FRoD layers by module name."""
+    """The model's FRoD layers by module name (a layer reachable under several names: the first)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, FRoDLinear)}
+
+
+def _validate_layer_options(mode: str, backend: str, path: str, param_dtype: torch.dtype | None) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if param_dtype is not None and not (isinstance(param_dtype, torch.dtype) and param_dtype.is_floating_point):
+        raise TypeError(f"param_dtype must be a floating-point torch.dtype, got {param_dtype!r}")
+
+
+def _check_category_weights(groups: dict[str, list[_Target]]) -> None:
+    for cat, members in groups.items():
+        try:
+            check_weights([_as_linear(t.module).weight for t in members])
+        except ValueError as exc:
+            raise ValueError(f"category {cat!r}: {exc}") from exc
+
+
+def _build_category(
+    tx: ModelTransaction, name: str, members: list[_Target], spec: CategorySpec, backend: str, path: str,
+    param_dtype: torch.dtype | None, fingerprint: str | None = None,
+) -> FRoDBasis:
+    """Decompose one category, draw its Ω and put a FRoDLinear wherever each member was."""
+    linears = [_as_linear(t.module) for t in members]
+    weights = [lin.weight for lin in linears]
+    fingerprint = fingerprint or weight_fingerprint(weights)
+    jb = joint_decompose(weights, reg=spec.reg, name=name)
+    n = weights[0].shape[1]
+    basis = FRoDBasis(
+        jb.V, sample_sparse_pattern(n, spec.sparse_rate, spec.seed), spec.sparse_rate, spec.seed, spec.reg, name=name,
+        base_seed=spec.base_seed, source="joint_decompose", fingerprint=fingerprint, max_error=max(jb.errors),
+        jitter=jb.jitter,
+    )
+    for t, linear, U, lam in zip(members, linears, jb.U, jb.lam, strict=True):
+        layer = FRoDLinear.from_linear(
+            linear, basis=(U, jb.V, lam), shared=basis, mode=spec.mode, backend=backend, path=path,
+            param_dtype=param_dtype,
+        )
+        layer.base_class = type(t.module)
+        for alias in t.aliases:
+            tx.replace(alias, layer)
+    return basis
+
+
+def _freeze_all_but_frod(model: nn.Module, keep: set[int]) -> None:
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+
+
+def _frod_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for layer in frod_layers(model).values() for p in (layer.delta, layer.sparse_values)}
+
+
+def _progress(verbose: bool, i: int, total: int, name: str, basis: FRoDBasis, layers: int, started: float) -> None:
+    if verbose:
+        print(
+            f"[frod] {i + 1}/{total} {name}: {layers} x ({basis.n}, {basis.n}) basis, decomposed in "
+            f"{time.perf_counter() - started:.1f}s, max rel. error {basis.max_error:.1e}",
+            file=sys.stderr,
+        )
 
 
 def apply_frod(
@@ -182,61 +365,85 @@ def apply_frod(
     """Replace the targeted ``nn.Linear`` (or ``Conv1D``) modules of ``model`` in place by ``FRoDLinear``.
 
     Args:
-        target_modules: a regex (full match on the module name) or a list of name suffixes.
+        target_modules: a regex (full match on the module name) or a list of name suffixes. A
+            module reachable under several names is matched by any of them and replaced under all.
         sparse_rate: ρ in (0, 1) or 0; seed: base seed of the patterns; reg: α of FROD.md §2.
         mode: 'additive' (keep W) or 'factored' (drop W, FROD.md §6).
         param_dtype: dtype of δ and s (default: each weight's dtype).
         verbose: print one progress line per category to stderr.
 
-    Everything else in the model is frozen (``requires_grad = False``); only δ and s train.
-    Returns a summary of the categories, layers and trainable count.
+    Categories are the targets with the same path pattern (``category_name``) and weight shape.
+    Every other parameter of the model is frozen (``requires_grad = False``) except the δ and s of
+    FRoD layers from earlier calls, which keep their state: calls compose. Everything is checked
+    before the model is touched, and a call that fails half-way is rolled back, so a refused call
+    leaves the model exactly as it was. Returns a summary of all the model's FRoD categories.
     """
     sparse_rate = validate_sparse_rate(sparse_rate)
     seed, reg = validate_seed(seed), validate_reg(reg)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    groups = _find_targets(model, target_modules)
-    for cat, members in groups.items():  # fail before touching the model, not half-way through it
-        try:
-            check_weights([_as_linear(m).weight for _, m in members])
-        except ValueError as exc:
-            raise ValueError(f"category {cat!r}: {exc}") from exc
-    for p in model.parameters():
-        p.requires_grad_(False)
-    summary = FRoDSummary()
-    for i, (cat, members) in enumerate(groups.items()):
-        started = time.perf_counter()
-        linears = [_as_linear(m) for _, m in members]
-        weights = [lin.weight for lin in linears]
-        jb = joint_decompose(weights, reg=reg, name=cat)
-        o, n = weights[0].shape
-        cseed = category_seed(seed, cat)
-        basis = FRoDBasis(
-            jb.V, sample_sparse_pattern(n, sparse_rate, cseed), sparse_rate, cseed, reg, name=cat,
-        )
-        basis.fingerprint = weight_fingerprint(weights)
-        basis.layer_names = [name for name, _ in members]
-        for (name, module), linear, U, lam in zip(members, linears, jb.U, jb.lam, strict=True):
-            layer = FRoDLinear.from_linear(
-                linear, basis=(U, jb.V, lam), shared=basis, mode=mode, backend=backend, path=path,
-                param_dtype=param_dtype,
-            )
-            layer.base_class = type(module)
-            _replace(model, name, layer)
-        summary.categories[cat] = {
-            "layers": basis.layer_names, "out_features": o, "in_features": n, "k": basis.k,
-            "max_error": max(jb.errors), "jitter": jb.jitter,
-        }
-        if verbose:
-            print(
-                f"[frod] {i + 1}/{len(groups)} {cat}: {len(members)} x ({o}, {n}) decomposed in "
-                f"{time.perf_counter() - started:.1f}s, max rel. error {max(jb.errors):.1e}",
-                file=sys.stderr,
-            )
-    summary.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    summary.total = sum(p.numel() for p in model.parameters())
+    _validate_layer_options(mode, backend, path, param_dtype)
+    existing = frod_categories(model)
+    groups = _group(_find_targets(model, target_modules), set(existing))
+    _check_category_weights(groups)  # fail before touching the model, not half-way through it
+    keep = _frod_param_ids(model)
+    with ModelTransaction(model) as tx:
+        _freeze_all_but_frod(model, keep)
+        for i, (cat, members) in enumerate(groups.items()):
+            started = time.perf_counter()
+            spec = CategorySpec([t.name for t in members], sparse_rate, category_seed(seed, cat), reg, mode, seed)
+            basis = _build_category(tx, cat, members, spec, backend, path, param_dtype)
+            _progress(verbose, i, len(groups), cat, basis, len(members), started)
+    summary = summarize(model)
     logger.info("apply_frod: %d layers, %d categories, %d trainable", summary.layers, len(groups), summary.trainable)
     return summary
+
+
+def apply_categories(
+    model: nn.Module, specs: dict[str, CategorySpec], fingerprints: dict[str, str], tx: ModelTransaction,
+) -> None:
+    """Rebuild FRoD categories exactly as described (``load_frod`` on a base model): each layer by
+    its module name, each category's basis checked against ``fingerprints`` before decomposing.
+
+    Changes go through ``tx``; the caller rolls them back if anything after this fails.
+    """
+    by_name = {name: t for t in _modules_with_all_names(model) for name in t.aliases}
+    groups: dict[str, list[_Target]] = {}
+    for cat, spec in specs.items():
+        missing = [name for name in spec.layers if name not in by_name]
+        if missing:
+            raise ValueError(_missing_layers_message(cat, missing, list(by_name)))
+        groups[cat] = [by_name[name] for name in spec.layers]
+        for t in groups[cat]:
+            if type(t.module) is not nn.Linear and type(t.module) is not _conv1d_class():
+                raise TypeError(f"layer {t.name!r} is a {type(t.module).__name__}, not an nn.Linear or Conv1D")
+    _check_category_weights(groups)
+    computed = {
+        cat: weight_fingerprint([_as_linear(t.module).weight for t in members]) for cat, members in groups.items()
+    }
+    for cat, fp in computed.items():
+        if fp != fingerprints[cat]:
+            raise ValueError(f"category {cat!r}: the model's base weights differ from those the adapter was trained on")
+    _freeze_all_but_frod(model, _frod_param_ids(model))
+    for cat, members in groups.items():
+        spec = specs[cat]
+        _build_category(tx, cat, members, spec, "auto", "auto", None, fingerprint=computed[cat])
+
+
+def _missing_layers_message(cat: str, missing: list[str], names: list[str]) -> str:
+    """Name the missing layers; if the model has them under a prefix (or they have one the model
+    lacks), say which: the usual cause is an adapter saved from a wrapper and loaded into the bare
+    model, or the other way round."""
+    head = f"category {cat!r}: {len(missing)} adapter layer(s) not in the model, e.g. {missing[0]!r}"
+    first = missing[0]
+    for name in sorted(names, key=len, reverse=True):
+        if name.endswith("." + first):
+            prefix = name[: -len(first)]
+            return (f"{head}; the model has {name!r}: the adapter was saved without the prefix {prefix!r} "
+                    f"(load it into model.get_submodule({prefix[:-1]!r}), the module it was saved from)")
+        if first.endswith("." + name):
+            prefix = first[: -len(name)]
+            return (f"{head}; the model has {name!r}: the adapter was saved from a model that wraps this one "
+                    f"under {prefix!r} (load it into that wrapper)")
+    return head
 
 
 def merge_frod(model: nn.Module, safe: bool = True) -> None:
@@ -264,8 +471,11 @@ def unload_frod(model: nn.Module, merge: bool = True) -> nn.Module:
 
     In factored mode W is rebuilt as U·diag(λ)·Vᵀ (exact up to the decomposition's rounding).
     """
-    for name, layer in frod_layers(model).items():
-        _replace(model, name, _from_linear(layer.to_linear(merge=merge), layer.base_class))
+    for target in _modules_with_all_names(model):
+        if isinstance(target.module, FRoDLinear):
+            plain = _from_linear(target.module.to_linear(merge=merge), target.module.base_class)
+            for alias in target.aliases:  # one module again wherever the FRoD layer was
+                _replace(model, alias, plain)
     return model
 
 

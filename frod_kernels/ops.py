@@ -24,6 +24,11 @@ weight space:
     fwd  U·M = (Mᵀ·Uᵀ)ᵀ (sparse gather); W' = W + (U·M)·Vᵀ;  Y = X·W'ᵀ + b;  W' is kept
     bwd  dX = dY·W';  G = dYᵀ·X;  H = Uᵀ·G;  (dd, ds) = SDDMM(H, Vᵀ)   (dM = H·V)
 
+Double backward (``create_graph=True``, e.g. a gradient penalty): the backward above is linear in
+dY and bilinear in (dY, X) and (dY, M), so when autograd records the backward itself, it is
+computed instead by differentiable PyTorch ops on the dense M (n × n, ``reference.rotation_matrix``):
+dX = dY·W', P = dY·U, Z = X·V, dM = Pᵀ·Z. Same numbers, O(n²) extra memory, no fused kernels.
+
 The ops take the resolved path and backend names (see ``dispatch``); ``frod_linear`` resolves
 them, validates the inputs and flattens x. ``frod_linear_forward`` returns (Y, saved): the
 tensor the backward needs beyond X (Zᵀ for the token path, W' for the weight path), or an
@@ -36,6 +41,7 @@ import torch
 
 from .dispatch import get_backend
 from .pattern import SparsePattern
+from .reference import rotation_matrix
 
 __all__ = ["frod_linear_backward", "frod_linear_forward"]
 
@@ -169,12 +175,24 @@ def _setup_context(ctx, inputs, output):
     ctx.path, ctx.backend = path, backend
 
 
+def _differentiable_backward(grad_y, x, weight, U, V, diag, values, indices):
+    """(dX, dd, ds) by plain differentiable ops, for double backward (see the module docstring)."""
+    m = rotation_matrix(diag, indices, values)
+    w_eff = U @ m @ V.mT
+    if weight is not None:
+        w_eff = w_eff + weight
+    dm = (grad_y @ U).mT @ (x @ V)  # dM = Pᵀ·Z
+    return grad_y @ w_eff, dm.diagonal(), dm[indices[0], indices[1]]
+
+
 def _backward(ctx, grad_y, _grad_saved):
     x, saved, weight, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_x, need_params, need_bias = need[0], need[5] or need[6], need[2]
     dx = dd = ds = None
-    if need_x or need_params:
+    if torch.is_grad_enabled() and (need_x or need_params):  # create_graph=True: the backward is recorded
+        dx, dd, ds = _differentiable_backward(grad_y, x, weight, U, V, diag, values, indices)
+    elif need_x or need_params:
         dx, dd, ds = frod_linear_backward(
             grad_y, x, saved, weight, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm,
             ctx.path, ctx.backend, need_x, need_params,

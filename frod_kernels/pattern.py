@@ -14,9 +14,11 @@ per category (``SparsePattern.from_indices``) and reused by every call.
 from __future__ import annotations
 
 import math
+import numbers
 from fractions import Fraction
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -30,18 +32,21 @@ _PERMUTATION_LIMIT = 1 << 22
 
 def validate_sparse_rate(sparse_rate: float) -> float:
     """Return ``sparse_rate`` as a float if it lies in (0, 1) or is exactly 0, else raise."""
-    if isinstance(sparse_rate, bool) or not isinstance(sparse_rate, (int, float)):
+    if isinstance(sparse_rate, bool) or not isinstance(sparse_rate, numbers.Real):
         raise TypeError(f"sparse_rate must be a number, got {type(sparse_rate).__name__}")
-    rate = float(sparse_rate)
+    # A numpy float32 is read as the decimal it prints as (np.float32(0.01) is 0.01, not 0.0099999998).
+    rate = float(str(sparse_rate)) if isinstance(sparse_rate, np.floating) else float(sparse_rate)
     if not (rate == 0.0 or 0.0 < rate < 1.0):
         raise ValueError(f"sparse_rate must be in (0, 1) or exactly 0, got {sparse_rate!r}")
     return rate
 
 
 def validate_seed(seed: int) -> int:
-    """Return ``seed`` if it is an int in [0, 2**63) (the range a torch.Generator takes), else raise."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    """Return ``seed`` as an int if it is an integer (``int``, ``np.int64``, …) in [0, 2**63), the
+    range a torch.Generator takes, else raise."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = int(seed)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     return seed

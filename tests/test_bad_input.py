@@ -329,9 +329,6 @@ def test_targets():
     net = _frod_net()
     with pytest.raises(ValueError, match="'blocks.0.proj' is already a FRoDLinear"):
         fk.apply_frod(net, ["proj"])
-    mixed = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 6)])
-    with pytest.raises(ValueError, match=r"category '\*' mixes weight shapes \[\(4, 4\), \(6, 4\)\]"):
-        fk.apply_frod(mixed, r"\d")
 
 
 # -- adapter files -----------------------------------------------------------------------------
@@ -341,7 +338,7 @@ def test_targets():
 def saved(tmp_path: Path) -> tuple[_Net, Path]:
     net = _frod_net()
     path = tmp_path / "adapter.safetensors"
-    fk.save_frod(net, path, seed=0)
+    fk.save_frod(net, path)
     return net, path
 
 
@@ -370,7 +367,7 @@ def test_foreign_adapter(tmp_path):
     "metadata,match",
     [
         ({"version": "99"}, "format version '99'"),
-        ({"config": "{not json"}, "damaged FRoD metadata"),
+        ({"categories": "{not json"}, "damaged FRoD metadata: not JSON"),
     ],
 )
 def test_damaged_metadata(saved, metadata, match):
@@ -395,10 +392,6 @@ def test_adapter_does_not_match_the_model(saved):
     fk.apply_frod(other_layers, ["head"], sparse_rate=0.2, seed=0)
     with pytest.raises(ValueError, match=r"adapter category 'blocks\.\*\.proj' has no FRoD layers in the model"):
         fk.load_frod(other_layers, path)
-    no_seed = _frod_net()
-    fk.save_frod(no_seed, path)
-    with pytest.raises(ValueError, match="saved without the base seed"):
-        fk.load_frod(_Net(), path)
 
 
 def test_adapter_state_dict_errors():
@@ -433,7 +426,7 @@ def test_interrupted_save_keeps_the_good_file(saved, monkeypatch):
         fk.frod_layers(net)["blocks.0.proj"].delta.add_(1.0)
     monkeypatch.setattr(safetensors.torch, "save_file", crash_midway)
     with pytest.raises(KeyboardInterrupt):
-        fk.save_frod(net, path, seed=0)
+        fk.save_frod(net, path)
     assert path.read_bytes() == good
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name], "temporary file left behind"
     fk.load_frod(_Net(), path)  # still a good adapter

@@ -134,7 +134,7 @@ def test_save_load_round_trip(tmp_path):
     ids = torch.randint(0, 100, (2, 9))
     y = model(ids).last_hidden_state
     path = tmp_path / "adapter.safetensors"
-    fk.save_frod(model, path, seed=7)
+    fk.save_frod(model, path)
     sd = fk.frod_state_dict(model)
     assert all(k.endswith(("delta", "sparse_values")) for k in sd)
 
@@ -157,7 +157,7 @@ def test_load_into_wrong_model_is_refused(tmp_path):
     model = _bert(seed=0)
     fk.apply_frod(model, BERT_TARGETS, sparse_rate=0.05, seed=7)
     path = tmp_path / "adapter.safetensors"
-    fk.save_frod(model, path, seed=7)
+    fk.save_frod(model, path)
     with pytest.raises(ValueError, match="base weights differ"):
         fk.load_frod(_bert(seed=1), path)
     other_shape = transformers.BertModel(transformers.BertConfig(
