@@ -6,6 +6,7 @@
     frod-kernels decompose       joint decomposition vs the published route
     frod-kernels convergence     MiniLM sentiment fine-tuning: FRoD vs LoRA vs full fine-tuning
     frod-kernels memorise        MiniLM memorising random key → label pairs: FRoD vs LoRA vs full vs head only
+    frod-kernels peft            MiniLM training step: PEFT's FRoD vs accelerated vs ours vs LoRA vs full
 
 Common options (before or after the subcommand): --device, --dtype, --threads, --json PATH, --tiny
 (smallest sizes, for smoke tests), --no-progress, --no-malloc-tuning. The Triton backend is
@@ -82,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     mem.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
                      help="learning-rate grid of a method, swept on the first seed (one value: no sweep)")
     mem.add_argument("--plot", type=Path, default=None, metavar="PNG")
+    pb = sub.add_parser("peft", parents=[common], help="MiniLM step: PEFT FRoD vs accelerated vs ours vs LoRA vs full")
+    pb.add_argument("--batch", type=int, default=16)
+    pb.add_argument("--seq-len", type=int, default=128)
+    pb.add_argument("--warmup", type=int, default=1)
+    pb.add_argument("--repeats", type=int, default=5)
+    pb.add_argument("--methods", nargs="+", default=None, help="see frod_kernels.bench.peft_bench.METHODS")
     return parser
 
 
@@ -234,6 +241,18 @@ def _memorise(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
+def _peft(args: argparse.Namespace, device: torch.device) -> int:
+    from .bench import peft_bench
+
+    result = peft_bench.run_peft_bench(
+        device=device, tiny=args.tiny, batch=args.batch, seq_len=args.seq_len, warmup=args.warmup,
+        repeats=args.repeats, methods=args.methods, show_progress=not args.no_progress,
+    )
+    print(peft_bench.format_report(result))
+    _write_json(args.json, {"machine": args.machine, "command": args.command_line, **result})
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``frod-kernels`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -247,5 +266,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if warning:
         print(warning, file=sys.stderr)
     command = {"bench": _bench, "decompose": _decompose, "convergence": _convergence,
-               "memorise": _memorise}.get(args.command, _default)
+               "memorise": _memorise, "peft": _peft}.get(args.command, _default)
     return command(args, device)

