@@ -71,6 +71,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .fingerprint import weight_fingerprint
 from .functional import frod_linear
 from .layer import MODES, FRoDBasis, FRoDLinear
 from .pattern import SparsePattern
@@ -415,10 +416,12 @@ def _build_frod_layers(
             raise ValueError(f"layer {e.name!r}: V of category {e.category!r} is {tuple(V.shape)}, weight is {(o, n)}")
         if e.category not in bases:
             omega = OmegaMap.build(indices, n, device=weight.device)
+            # source "given": V is PEFT's, not ours to recompute; the fingerprint lets our adapter files
+            # (save_frod/load_frod) check that they load onto the same base weights.
             basis = FRoDBasis(V.to(device=weight.device, dtype=weight.dtype), omega.pattern.indices,
                               float(config.get("sparse_rate", 0.0)), int(config.get("projection_prng_key", 0)),
-                              float(config.get("regularization_alpha", 1e-3)), name=e.category)
-            basis.source = "peft"
+                              float(config.get("regularization_alpha", 1e-3)), name=e.category, source="given",
+                              fingerprint=weight_fingerprint([x.weight for x in entries if x.category == e.category]))
             bases[e.category] = (basis, omega)
         basis, omega = bases[e.category]
         U, lam0 = peft_u_lambda(V, weight)

@@ -35,12 +35,23 @@ TARGETS = {
 VOCAB = 97
 
 
+def _bert_config() -> transformers.BertConfig:
+    return transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                   classifier_dropout=0.0)
+
+
+def _bert_classifier() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A BERT classifier and PEFT's FRoD around a copy of it, with a trainable bias and head (modules_to_save)."""
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(_bert_config())
+    return base, _peft_model(base, "bert", bias="frod_only", modules_to_save=["classifier"])
+
+
 def _base(kind: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if kind == "bert":
-        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        return transformers.BertModel(cfg, add_pooling_layer=False)
+        return transformers.BertModel(_bert_config(), add_pooling_layer=False)
     if kind == "llama":
         cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
@@ -145,12 +156,7 @@ def test_accelerated_matches_peft(kind):
 
 def test_trainable_bias_and_head_and_save_reload(tmp_path):
     """bias="frod_only" + modules_to_save: their gradients too; save_pretrained → from_pretrained; merge."""
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                  classifier_dropout=0.0)
-    base = transformers.BertForSequenceClassification(cfg)
-    model = _peft_model(base, "bert", bias="frod_only", modules_to_save=["classifier"])
+    base, model = _bert_classifier()
     ref = copy.deepcopy(model)
     fkp.accelerate(model)
     ids = _ids(1)
@@ -303,7 +309,7 @@ def test_to_frod_layers_same_function(kind):
     assert len(frod_layers(ours)) == n_layers
     assert not any(isinstance(m, PeftFrodLinear) for m in ours.modules())
     layer = next(iter(frod_layers(ours).values()))
-    assert layer.mode == "factored" and layer.basis.source == "peft"
+    assert layer.mode == "factored" and layer.basis.source == "given" and layer.basis.fingerprint
     assert layer.delta.requires_grad and layer.sparse_values.requires_grad and not layer.U.requires_grad
     y, grads = _loss_and_grads(ours, ids)
     y_ref, _ = _loss_and_grads(ref, ids)
@@ -331,12 +337,7 @@ def test_to_frod_layers_additive_and_errors():
 
 
 def test_from_peft_adapter_without_peft(tmp_path):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                  classifier_dropout=0.0)
-    base = transformers.BertForSequenceClassification(cfg)
-    peft_model = _peft_model(base, "bert", bias="frod_only", modules_to_save=["classifier"])
+    base, peft_model = _bert_classifier()
     peft_model.save_pretrained(tmp_path)
     ids = _ids(3)
     with torch.no_grad():
@@ -396,3 +397,41 @@ def test_peft_subcommand_options_in_either_position(argv):
 
     args = _parser().parse_args([*argv, "--repeats", "3"])
     assert args.command == "peft" and args.tiny and args.threads == 1 and args.repeats == 3 and args.batch == 16
+
+
+def test_bfloat16_and_autocast():
+    model, ref = _accelerated_pair("llama")
+    model.to(torch.bfloat16)
+    ref.to(torch.bfloat16)  # PEFT densifies S in half precision; we keep it sparse
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fkp.FrodFallbackWarning)
+        y, grads = _loss_and_grads(model, _ids())
+        y_ref, grads_ref = _loss_and_grads(ref, _ids())
+        assert y.dtype == torch.bfloat16
+        _close(y, y_ref, 2e-2)
+        _close_grads(grads, grads_ref, 5e-2)
+        model, ref = _accelerated_pair("bert")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y, y_ref = _out(model, _ids()), _out(ref, _ids())
+        assert y.dtype == y_ref.dtype == torch.float32  # PEFT casts back to x's dtype; so do we
+        _close(y, y_ref, 2e-2)
+
+
+def test_converted_model_with_our_adapter_files(tmp_path):
+    """save_frod of a converted model: refused by a bare model (V is PEFT's, not ours to recompute), loaded
+    by the same model converted again (basis and base-weight fingerprint checked)."""
+    from frod_kernels import load_frod, save_frod
+
+    base = _base("bert")
+    peft_model = _peft_model(base, "bert")
+    ours = fkp.to_frod_layers(copy.deepcopy(peft_model))
+    with torch.no_grad():
+        for layer in frod_layers(ours).values():
+            layer.sparse_values.add_(0.01)
+    save_frod(ours, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="basis given by the caller"):
+        load_frod(_base("bert"), tmp_path / "a.safetensors")
+    again = fkp.to_frod_layers(copy.deepcopy(peft_model))
+    load_frod(again, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        _close(_out(again, _ids()), _out(ours, _ids()), 0)
