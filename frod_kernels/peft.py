@@ -248,11 +248,14 @@ def _accelerated_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
         V = V_src.to(device=device, dtype=dtype)
     n = V.shape[0]
     idx_src = self.frod_s_indices[adapter]
-    size = tuple(int(d) for d in self.frod_s_size[adapter].tolist())
-    if size != (n, n):
-        raise ValueError(f"PEFT's frod_s_size is {size}, but V is {n} x {n}")
-    omega: OmegaMap = state.derived(self.frod_s_indices, adapter, idx_src, device, None,
-                                    lambda: OmegaMap.build(idx_src, n, device))
+
+    def build_omega() -> OmegaMap:  # only when Ω changed: reading frod_s_size syncs a GPU
+        size = tuple(int(d) for d in self.frod_s_size[adapter].tolist())
+        if size != (n, n):
+            raise ValueError(f"PEFT's frod_s_size is {size}, but V is {n} x {n}")
+        return OmegaMap.build(idx_src, n, device)
+
+    omega: OmegaMap = state.derived(self.frod_s_indices, adapter, idx_src, device, None, build_omega)
     diag, values = omega.apply(self.frod_lambda_l[adapter], self.frod_lambda_s_values[adapter])
     U = self.frod_U[adapter].to(device=device, dtype=dtype)
     bias = self.get_base_layer().bias
