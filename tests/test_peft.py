@@ -388,7 +388,9 @@ def test_peft_bench_tiny(tmp_path):
     assert all(m["ms"] > 0 for m in methods.values())
     assert "load_average_1min" in result["machine"] and "load_average_after" in result
     # the accelerated step computes PEFT's loss
-    assert abs(methods["peft_frod_accelerated"]["first_loss"] - methods["peft_frod"]["first_loss"]) < 1e-4
+    for key in ("first_loss", "last_loss"):  # same parameters, batch and dropout masks, step after step
+        assert abs(methods["peft_frod_accelerated"][key] - methods["peft_frod"][key]) < 1e-4
+    assert methods["peft_frod_accelerated"]["paired_ratio_to_peft_frod_accelerated"] == 1.0
 
 
 @pytest.mark.parametrize("argv", [["--tiny", "--threads", "1", "peft"], ["peft", "--tiny", "--threads", "1"]])

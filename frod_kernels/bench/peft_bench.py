@@ -19,9 +19,11 @@ One step = zero_grad, forward, cross-entropy on random labels, backward, AdamW s
 ``batch`` × ``seq_len`` random token ids with a full attention mask (every position is computed).
 Timing: ``warmup`` + ``repeats`` rounds, each round runs every method's step once, in an order
 rotated by one every round (``timing.time_interleaved``); reported: median and quartiles per method,
-the ratio of each median to the accelerated one's, the loss of each method's first step (PEFT's and
-the accelerated step must agree: same parameters and batch), the set-up time (decomposition) and the
-load average before (``machine.load_average_1min``) and after the run.
+the ratio of each median to the accelerated one's, the median over rounds of the same-round ratio
+(``paired_ratio_to_…``: robust to a load that drifts between rounds on a shared machine), the loss of
+each method's first and last step (PEFT's and the accelerated steps must agree: same parameters, batch
+and dropout masks), the set-up time (decomposition) and the load average before
+(``machine.load_average_1min``) and after the run.
 
 ``tiny=True`` uses a 2-layer random BERT (hidden 32) and a 4 × 16 batch: the smoke test.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -158,7 +161,9 @@ def run_peft_bench(
     out = {}
     for name in methods:
         stats = summarize(samples[name])
+        paired = [t / r for t, r in zip(samples[name], samples[reference], strict=True)]
         out[name] = {**info[name], **stats, "ratio_to_" + reference: stats["ms"] / ref_ms,
+                     "paired_ratio_to_" + reference: statistics.median(paired),
                      "first_loss": steps[name].losses[0], "last_loss": steps[name].losses[-1],
                      "seconds": samples[name]}
     return {
@@ -174,14 +179,16 @@ def format_report(result: dict) -> str:
     ref = result["reference"]
     lines = [f"{result['title']}: batch {result['batch']} x {result['seq_len']} tokens, fwd+bwd+AdamW, "
              f"median of {result['repeats']} interleaved rounds, {result['threads']} threads; ratio = step / {ref}'s",
-             f"{'method':<23} {'trainable':>10} {'step ms':>9} {'q25-q75':>15} {'ratio':>8} "
-             f"{'1st loss':>9} {'setup s':>8}"]
+             f"{'method':<23} {'trainable':>10} {'step ms':>9} {'q25-q75':>15} {'ratio':>6} {'paired':>6} "
+             f"{'1st loss':>9} {'last loss':>9} {'setup s':>8}"]
     for name, m in result["methods"].items():
         lines.append(f"{name:<23} {m['trainable']:>10,} {m['ms']:>9.1f} {m['q25_ms']:>7.0f}-{m['q75_ms']:<7.0f} "
-                     f"{m['ratio_to_' + ref]:>8.2f} {m['first_loss']:>9.5f} {m['setup_s']:>8.1f}")
+                     f"{m['ratio_to_' + ref]:>6.2f} {m['paired_ratio_to_' + ref]:>6.2f} {m['first_loss']:>9.5f} "
+                     f"{m['last_loss']:>9.5f} {m['setup_s']:>8.1f}")
     methods = result["methods"]
     if "peft_frod" in methods and "peft_frod_accelerated" in methods:
         speedup = methods["peft_frod"]["ms"] / methods["peft_frod_accelerated"]["ms"]
-        lines.append(f"accelerate() makes PEFT's FRoD step {speedup:.2f}x faster")
+        lines.append(f"accelerate() makes PEFT's FRoD step {speedup:.2f}x faster (median same-round ratio "
+                     f"{methods['peft_frod']['paired_ratio_to_peft_frod_accelerated']:.2f}x)")
     lines.append(f"load average after the run: {result['load_average_after']}")
     return "\n".join(lines)
