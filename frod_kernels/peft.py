@@ -187,16 +187,19 @@ class _State:
     path: str = "auto"
     column_major_v: bool = True
     warned: set[str] = field(default_factory=set)
-    names: dict[int, str] = field(default_factory=dict)
-    # (id of the category's BufferDict, adapter) → (source tensor, its version, device, dtype, derived)
+    # (id of the category's BufferDict, adapter) → (source tensor, (its version, device, dtype), derived)
     cache: dict[tuple[int, str], tuple] = field(default_factory=dict)
+
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle) starts with an empty cache: its keys name the original's buffers.
+        return {**self.__dict__, "cache": {}}
 
     def notice(self, layer: nn.Module, reason: str) -> None:
         if reason in self.warned:
             return
         self.warned.add(reason)
         warnings.warn(
-            f"frod_kernels.peft: {reason} (first seen in layer {self.names.get(id(layer), '?')!r}); such calls "
+            f"frod_kernels.peft: {reason} (first seen in layer {getattr(layer, '_frod_name', '?')!r}); such calls "
             f"run PEFT's own FRoD forward (same result, not accelerated). Shown once per reason.",
             FrodFallbackWarning, stacklevel=4,
         )
@@ -321,8 +324,7 @@ def accelerate(
                           FrodFallbackWarning, stacklevel=2)
             continue
         layer.__class__ = cls
-        layer._frod_accel = state
-        state.names[id(layer)] = name
+        layer._frod_accel, layer._frod_name = state, name
         count += 1
     return count
 
@@ -334,7 +336,7 @@ def deaccelerate(peft_model: nn.Module) -> int:
     for _, layer in _frod_layers(peft_model):
         if type(layer) is cls:
             layer.__class__ = frod.Linear
-            del layer._frod_accel
+            del layer._frod_accel, layer._frod_name
             count += 1
     return count
 

@@ -292,11 +292,16 @@ def test_deaccelerate_and_errors():
 
 
 def test_pickle_and_deepcopy_keep_acceleration():
+    import pickle
+
     model, ref = _accelerated_pair("bert")
-    clone = copy.deepcopy(model)
-    assert fkp.is_accelerated(clone)
     with torch.no_grad():
-        _close(_out(clone, _ids()), _out(ref, _ids()))
+        _close(_out(model, _ids()), _out(ref, _ids()))  # fills the caches
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert fkp.is_accelerated(clone)
+            layer = clone.base_model.model.encoder.layer[0].attention.self.query
+            assert layer._frod_accel.cache == {} and layer._frod_name.endswith("layer.0.attention.self.query")
+            _close(_out(clone, _ids()), _out(ref, _ids()))
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
