@@ -11,6 +11,24 @@ The only place that decides. The cost model counts multiply-adds as in FROD.md �
                 + N·o·n (G = dYᵀX) + o·n·n (H = UᵀG) + c·n·(n+k)             if δ, s need grads
 
 c weighs a sparse multiply-add against a dense one (gathers run far below GEMM speed).
+
+Per primitive (backend "triton"). A layer call is made of four primitives:
+
+    gemm       one product Y = A·Bᵀ (+ b): Zᵀ = Vᵀ·Xᵀ, Pᵀ = Uᵀ·dYᵀ, and the whole weight path
+               (Y = X·W'ᵀ + b, dX = dY·W', G = dYᵀ·X, H = Uᵀ·G, W' = W + (U·M)·Vᵀ)
+    dual_gemm  two products into one output, Y = X·Wᵀ + A·Uᵀ + b and dX = dY·W + Q·Vᵀ (token path)
+    m_matmul   the sparse rotation M·B, Mᵀ·B
+    sddmm      the sampled products that give dδ and ds
+
+On CUDA a single GEMM with nothing fused gains nothing from a Triton kernel, and cuBLAS (with its
+persistent, TMA-fed Hopper kernels) is faster than a non-persistent Triton GEMM, so ``gemm`` runs
+on PyTorch (``torch.mm`` / ``torch.addmm``) and the other three, which fuse work cuBLAS cannot,
+on Triton. Off CUDA (Triton's CPU interpreter, used for testing) every primitive runs on Triton.
+Override per primitive with ``set_primitive_backend("gemm", "triton")`` or the environment
+variable ``FROD_PRIMITIVE_BACKENDS="gemm=triton,sddmm=torch"`` (read at each call; the function
+wins over the variable). Before a Triton primitive first runs on a CUDA device and dtype, the
+kernels are checked against PyTorch (``backends.self_check``); a failure falls back to PyTorch
+for that device, with one warning.
 """
 
 from __future__ import annotations
@@ -21,7 +39,18 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["BACKENDS", "PATHS", "choose_backend", "choose_path", "get_backend", "path_costs"]
+__all__ = [
+    "BACKENDS",
+    "PATHS",
+    "PRIMITIVES",
+    "choose_backend",
+    "choose_path",
+    "get_backend",
+    "get_backend_module",
+    "path_costs",
+    "primitive_backend",
+    "set_primitive_backend",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 PATHS = ("auto", "token", "weight")
@@ -97,8 +126,94 @@ def choose_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def get_backend(name: str) -> ModuleType:
-    """The module implementing the primitives for a resolved backend name (imported lazily)."""
+PRIMITIVES = ("gemm", "dual_gemm", "m_matmul", "sddmm")
+
+# Under backend "triton", per device type; devices not listed run every primitive on Triton.
+_DEFAULT_PRIMITIVE_BACKENDS = {
+    "cuda": {"gemm": "torch", "dual_gemm": "triton", "m_matmul": "triton", "sddmm": "triton"},
+}
+_primitive_overrides: dict[str, str] = {}
+
+
+def _check_primitive(primitive: str, backend: str | None = None) -> None:
+    if primitive not in PRIMITIVES:
+        raise ValueError(f"primitive must be one of {PRIMITIVES}, got {primitive!r}")
+    if backend is not None and backend not in ("torch", "triton"):
+        raise ValueError(f"a primitive's backend must be 'torch' or 'triton', got {backend!r}")
+
+
+def _env_overrides() -> dict[str, str]:
+    spec = os.environ.get("FROD_PRIMITIVE_BACKENDS", "").strip()
+    choices = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        primitive, sep, backend = item.partition("=")
+        if not sep:
+            raise ValueError(f"FROD_PRIMITIVE_BACKENDS entries are primitive=backend, got {item!r}")
+        _check_primitive(primitive.strip(), backend.strip())
+        choices[primitive.strip()] = backend.strip()
+    return choices
+
+
+def primitive_backend(primitive: str, device: torch.device) -> str:
+    """'torch' or 'triton': who runs ``primitive`` (one of PRIMITIVES) under backend "triton".
+
+    Order: ``set_primitive_backend``, then FROD_PRIMITIVE_BACKENDS, then the device's default
+    (module docstring). The first-use self-check can still send a Triton choice to PyTorch.
+    """
+    _check_primitive(primitive)
+    if primitive in _primitive_overrides:
+        return _primitive_overrides[primitive]
+    env = _env_overrides()
+    if primitive in env:
+        return env[primitive]
+    return _DEFAULT_PRIMITIVE_BACKENDS.get(device.type, {}).get(primitive, "triton")
+
+
+def set_primitive_backend(primitive: str, backend: str | None) -> str | None:
+    """Force ``primitive`` onto 'torch' or 'triton' on every device (None: back to the default).
+
+    Returns the previous override (None if there was none), so a caller can restore it.
+    """
+    _check_primitive(primitive, backend)
+    previous = _primitive_overrides.pop(primitive, None)
+    if backend is not None:
+        _primitive_overrides[primitive] = backend
+    return previous
+
+
+class _TritonRouted:
+    """``get_backend("triton")``: the three primitives, each run by the backend chosen for it.
+
+    Same signatures and semantics as ``torch_backend`` / ``triton_backend``. ``dual_matmul``
+    is the "dual_gemm" primitive when a second product is passed and "gemm" otherwise.
+    """
+
+    def _module(self, primitive: str, like: torch.Tensor) -> ModuleType:
+        if primitive_backend(primitive, like.device) == "triton":
+            from .backends import self_check
+
+            if self_check.triton_ok(like.device, like.dtype):
+                return get_backend_module("triton")
+        return get_backend_module("torch")
+
+    def dual_matmul(self, a1, b1, a2=None, b2=None, bias=None):
+        """a1·b1ᵀ (+ a2·b2ᵀ) (+ bias)."""
+        return self._module("gemm" if a2 is None else "dual_gemm", a1).dual_matmul(a1, b1, a2, b2, bias)
+
+    def m_matmul(self, b, diag, values, pattern, transpose=False):
+        """M·b (or Mᵀ·b) with M = diag(diag) + S."""
+        return self._module("m_matmul", b).m_matmul(b, diag, values, pattern, transpose)
+
+    def sddmm(self, at, bt, pattern):
+        """Diagonal and Ω entries of at·btᵀ."""
+        return self._module("sddmm", at).sddmm(at, bt, pattern)
+
+
+_TRITON_ROUTED = _TritonRouted()
+
+
+def get_backend_module(name: str) -> ModuleType:
+    """The module of one backend's own kernels, every primitive on it (imported lazily)."""
     if name == "torch":
         from .backends import torch_backend
 
@@ -107,4 +222,17 @@ def get_backend(name: str) -> ModuleType:
         from .backends import triton_backend
 
         return triton_backend
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def get_backend(name: str):
+    """What runs the primitives for a resolved backend name.
+
+    "torch": ``backends.torch_backend``. "triton": an object with the same three functions that
+    sends each primitive to Triton or PyTorch per ``primitive_backend`` and the self-check.
+    """
+    if name == "torch":
+        return get_backend_module("torch")
+    if name == "triton":
+        return _TRITON_ROUTED
     raise ValueError(f"unknown backend {name!r}")

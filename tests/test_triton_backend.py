@@ -11,6 +11,8 @@ cancel, unlike a bound relative to |exact|.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytest.importorskip("triton")
@@ -121,16 +123,131 @@ def test_dual_matmul_empty_dimensions():
     torch.testing.assert_close(got, a @ b.t() + bias, rtol=1e-12, atol=1e-12)
 
 
-def test_input_precision_follows_allow_tf32():
-    flag = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert triton_backend._input_precision(torch.float32) == "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert triton_backend._input_precision(torch.float32) == "tf32"
-        assert triton_backend._input_precision(torch.float64) == "ieee"
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = flag
+_NEW_TF32_API = pytest.mark.skipif(
+    not hasattr(torch.backends, "fp32_precision"), reason="torch < 2.9 has only the legacy TF32 API"
+)
+
+
+@pytest.fixture
+def tf32_state():
+    """Restore PyTorch's float32 matmul precision, whichever API a test set it with."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision, torch.backends.fp32_precision
+    yield matmul
+    # Back through the new API: "none" defers to the generic setting, as at start-up.
+    matmul.fp32_precision, torch.backends.fp32_precision = before
+
+
+@_NEW_TF32_API
+def test_input_precision_follows_the_legacy_tf32_api(tf32_state):
+    tf32_state.allow_tf32 = False
+    assert triton_backend._input_precision(torch.float32) == "ieee"
+    tf32_state.allow_tf32 = True
+    assert triton_backend._input_precision(torch.float32) == "tf32"
+    assert triton_backend._input_precision(torch.float64) == "ieee"
+    torch.set_float32_matmul_precision("highest")
+    assert triton_backend._input_precision(torch.float32) == "ieee"
+    torch.set_float32_matmul_precision("high")
+    assert triton_backend._input_precision(torch.float32) == "tf32"
+
+
+@_NEW_TF32_API
+def test_input_precision_follows_the_new_tf32_api(tf32_state):
+    """torch ≥ 2.9: after the new API is used, reading the legacy allow_tf32 raises; the backend
+    must not read it (and must still follow the setting, including the generic fallback)."""
+    tf32_state.fp32_precision = "tf32"
+    assert triton_backend._input_precision(torch.float32) == "tf32"
+    tf32_state.fp32_precision = "ieee"
+    assert triton_backend._input_precision(torch.float32) == "ieee"
+    tf32_state.fp32_precision = "none"  # defer to torch.backends.fp32_precision
+    torch.backends.fp32_precision = "tf32"
+    assert triton_backend._input_precision(torch.float32) == "tf32"
+    torch.backends.fp32_precision = "ieee"
+    assert triton_backend._input_precision(torch.float32) == "ieee"
+    assert triton_backend._input_precision(torch.bfloat16) == "ieee"  # TF32 is an fp32 matter
+
+
+_NEW_API_SCRIPT = """
+import torch
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+try:
+    torch.backends.cuda.matmul.allow_tf32
+    print("legacy read allowed")
+except RuntimeError as exc:
+    print("legacy read raises:", "legacy and new" in str(exc))
+from frod_kernels.backends import triton_backend
+a = torch.randn(9, 7)
+out = triton_backend.dual_matmul(a, a, a, a)
+print("precision", triton_backend._input_precision(torch.float32), tuple(out.shape))
+"""
+
+
+@_NEW_TF32_API
+def test_new_tf32_api_in_a_fresh_process():
+    """The torch 2.13 trap, as a user meets it: the new API set first thing in a fresh process,
+    where reading the legacy flag raises; an fp32 dual_matmul must still run, on TF32."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _NEW_API_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # (torch 2.13 prints "legacy read raises: True": the trap is live there.)
+    assert "precision tf32 (9, 9)" in done.stdout, done.stdout
+
+
+@_NEW_TF32_API
+@pytest.mark.parametrize("api", ["legacy", "new"])
+def test_float32_dual_matmul_runs_under_either_tf32_api(tf32_state, api):
+    gen = _gen(3)
+    a1, b1 = _matrix(37, 33, "t", torch.float32, gen), _matrix(70, 33, "c", torch.float32, gen)
+    a2, b2 = _matrix(37, 5, "c", torch.float32, gen), _matrix(70, 5, "s", torch.float32, gen)
+    if api == "new":
+        tf32_state.fp32_precision = "tf32"
+    else:
+        tf32_state.allow_tf32 = True
+    got = triton_backend.dual_matmul(a1, b1, a2, b2)
+    exact = a1.double() @ b1.double().t() + a2.double() @ b2.double().t()
+    scale = a1.double().abs() @ b1.double().abs().t() + a2.double().abs() @ b2.double().abs().t()
+    # TF32 rounds each operand to 10 mantissa bits: 2·2⁻¹¹ per product term, plus fp32 accumulation.
+    _check(got, exact, scale, torch.float32, slack=1e-3 / TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dual_matmul_wide_offsets(monkeypatch, dtype):
+    """The int64 in-tile offsets (WIDE), taken for huge strides, give the same numbers."""
+    monkeypatch.setattr(triton_backend, "_WIDE_STRIDE", 1)
+    seen = []
+    real = triton_backend._launch
+    monkeypatch.setattr(
+        triton_backend, "_launch", lambda k, g, *a, **kw: seen.append(kw["WIDE"]) or real(k, g, *a, **kw)
+    )
+    gen = _gen(5)
+    a1, b1 = _matrix(37, 40, "s", dtype, gen), _matrix(33, 40, "t", dtype, gen)
+    bias = _vector(33, "s", dtype, gen)
+    got = triton_backend.dual_matmul(a1, b1, bias=bias)
+    assert seen == [True]
+    exact = a1.double() @ b1.double().t() + bias.double()
+    scale = a1.double().abs() @ b1.double().abs().t() + bias.double().abs()
+    _check_both(got, torch_backend.dual_matmul(a1, b1, bias=bias), exact, scale, dtype)
+
+
+def test_configs_offered_per_dtype_and_gpu():
+    """Each dtype family and GPU generation has its own list; under the interpreter, one config."""
+    assert len(triton_backend.dual_matmul_configs(torch.float32, "ieee", (9, 0))) == 1
+    table = triton_backend._DUAL_TABLE
+    assert {tier for _, tier in table} == {"sm90", "sm80"}
+    assert {family for family, _ in table} == {"16bit", "tf32", "fp32", "fp64"}
+    assert triton_backend.gpu_tier((9, 0)) == "sm90" and triton_backend.gpu_tier((8, 0)) == "sm80"
+    assert triton_backend.gpu_tier((8, 9)) == triton_backend.gpu_tier((12, 0)) == "small"
+    for (family, tier), configs in table.items():
+        element = {"16bit": 2, "tf32": 4, "fp32": 4, "fp64": 8}[family]
+        for c in configs:
+            # A and B tiles of every pipeline stage fit the tier's shared memory (the AOT test
+            # measures the real figure; this is the floor it cannot be below).
+            tiles = c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * element
+            assert tiles <= triton_backend.SHARED_MEMORY_LIMIT[tier], (family, tier, c)
 
 
 # (n, R, sparse_rate, layout of b; diag and values are step-sliced unless b is contiguous)

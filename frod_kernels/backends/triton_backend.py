@@ -16,7 +16,16 @@
     and reduces over T in blocks; cost O(T·(n+k)).
 
 All kernels accumulate in float32 (float64 for float64 inputs) and write the input's dtype.
-Offsets are computed in int64, so tensors with more than 2**31 elements are addressed safely.
+Tensors with more than 2**31 elements are addressed safely: the GEMM moves each tile's base pointer
+in int64 and keeps the offsets inside a tile in int32 (64-bit offset tensors double the registers a
+large tile needs and made it spill), switching those to int64 too when a stride is so large that
+an in-tile offset could pass 2**31 (``WIDE``); the other kernels compute offsets in int64.
+
+Tuning: ``dual_matmul_configs(dtype, input_precision, capability)`` is the autotune list for one
+dtype and GPU generation. Every config in it was compiled for sm_90 and sm_80 and fits the
+target's shared memory without spilling registers (``tests/test_gpu_compile.py`` checks this in
+CI, without a GPU). ``m_matmul_configs()`` and ``sddmm_configs()`` are the block shapes their
+launchers can pick.
 
 Speed notes: the kernels take any strides, but loads are coalesced along the unit-stride axis
 the grids are laid out for: for ``m_matmul`` that is ``b`` row-major (unit stride along R), for
@@ -38,7 +47,17 @@ import triton.language as tl
 
 from ..pattern import SparsePattern
 
-__all__ = ["dual_matmul", "is_available", "m_matmul", "sddmm"]
+__all__ = [
+    "dual_matmul",
+    "dual_matmul_configs",
+    "gpu_tier",
+    "is_available",
+    "m_matmul",
+    "m_matmul_configs",
+    "sddmm",
+    "sddmm_configs",
+    "tf32_enabled",
+]
 
 # Read once, at definition time: ``triton.jit`` makes the same decision when the kernels below
 # are defined, and the block-size choices must agree with it.
@@ -61,6 +80,25 @@ def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 # --------------------------------------------------------------------------------------------
+# launch hook
+# --------------------------------------------------------------------------------------------
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs): every launch of this module goes through here.
+
+    One place to observe launches: ``tests/test_gpu_compile.py`` replaces it to record the exact
+    arguments and constexprs the launchers pass, and compiles those for real GPUs.
+    """
+    kernel[grid](*args, **kwargs)
+
+
+def _capability(t: torch.Tensor) -> tuple[int, int]:
+    """Compute capability of t's GPU; (9, 0) under the interpreter (it has no GPU)."""
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (9, 0)
+
+
+# --------------------------------------------------------------------------------------------
 # dual_matmul
 # --------------------------------------------------------------------------------------------
 
@@ -72,15 +110,16 @@ def _config(
     return triton.Config(meta, num_stages=stages, num_warps=warps)
 
 
-if _INTERPRET:
-    # Autotuning under the interpreter would run every config in Python; one small config is
-    # enough and still gives several tiles, ragged edges and a ragged last tile group on the
-    # tests' odd shapes.
-    _DUAL_CONFIGS = [_config(32, 32, 32, stages=1, warps=1, group_m=2)]
-else:
-    # Hopper-sized tiles for 2-byte types; the float32 / float64 ones that exceed shared memory
-    # are skipped by the autotuner (OutOfResources), the smaller ones cover those dtypes.
-    _DUAL_CONFIGS = [
+# Autotune lists per (operand family, GPU tier). Each one was chosen from the AOT compile of every
+# candidate (tests/test_gpu_compile.py, FROD_AOT_FULL=1): a config is offered only if it fits the
+# tier's shared memory and ptxas allocates it without spills, for every specialisation the
+# launchers produce. Families: "16bit" (bf16/fp16, tensor cores), "tf32" (fp32 on tensor cores),
+# "fp32" (fp32 IEEE: FMA, no tensor cores; big tiles cannot hold their accumulator in
+# registers), "fp64" (DFMA; 8-byte operands, so half the tile of fp32).
+# Tiers: "sm90" (Hopper and later with 227 KiB per block), "sm80" (A100: 163 KiB) and "small"
+# (sm_86/89/120 and the rest: ≤ 99 KiB), which gets the sm80 list minus what exceeds 99 KiB.
+_DUAL_TABLE: dict[tuple[str, str], list[triton.Config]] = {
+    ("16bit", "sm90"): [
         _config(128, 256, 64, stages=3, warps=8),
         _config(256, 128, 64, stages=3, warps=8),
         _config(128, 128, 64, stages=4, warps=8),
@@ -88,6 +127,89 @@ else:
         _config(128, 64, 64, stages=4, warps=4),
         _config(64, 128, 64, stages=4, warps=4),
         _config(64, 64, 32, stages=5, warps=4),
+    ],
+    ("16bit", "sm80"): [
+        _config(128, 256, 64, stages=3, warps=8),
+        _config(256, 128, 64, stages=3, warps=8),
+        _config(128, 128, 32, stages=4, warps=4),
+        _config(128, 64, 64, stages=4, warps=4),
+        _config(64, 128, 64, stages=4, warps=4),
+        _config(64, 64, 32, stages=5, warps=4),
+    ],
+    ("tf32", "sm90"): [
+        _config(128, 128, 32, stages=4, warps=8),
+        _config(128, 64, 32, stages=4, warps=4),
+        _config(64, 128, 32, stages=4, warps=4),
+        _config(64, 64, 32, stages=5, warps=4),
+    ],
+    ("tf32", "sm80"): [
+        _config(128, 128, 32, stages=3, warps=8),
+        _config(128, 64, 32, stages=4, warps=4),
+        _config(64, 128, 32, stages=4, warps=4),
+        _config(64, 64, 32, stages=4, warps=4),
+    ],
+    ("fp32", "sm90"): [
+        _config(128, 128, 32, stages=3, warps=8),
+        _config(128, 64, 32, stages=3, warps=4),
+        _config(64, 64, 32, stages=4, warps=4),
+    ],
+    ("fp32", "sm80"): [
+        _config(128, 128, 32, stages=3, warps=8),
+        _config(128, 64, 32, stages=3, warps=4),
+        _config(64, 64, 32, stages=4, warps=4),
+    ],
+    ("fp64", "sm90"): [
+        _config(64, 64, 32, stages=3, warps=4),
+        _config(64, 32, 32, stages=3, warps=4),
+        _config(32, 64, 32, stages=3, warps=4),
+    ],
+    ("fp64", "sm80"): [
+        _config(64, 64, 32, stages=3, warps=4),
+        _config(64, 32, 32, stages=3, warps=4),
+        _config(32, 64, 32, stages=3, warps=4),
+    ],
+}
+
+# Shared memory per block (opt-in maximum) of the tiers' reference GPUs, in bytes.
+SHARED_MEMORY_LIMIT = {"sm90": 232_448, "sm80": 166_912, "small": 101_376}
+
+# Under the interpreter autotuning would run every config in Python; one small config is enough
+# and still gives several tiles, ragged edges and a ragged last tile group on the tests' shapes.
+_INTERPRETER_CONFIGS = [_config(32, 32, 32, stages=1, warps=1, group_m=2)]
+
+
+def _family(dtype: torch.dtype, input_precision: str) -> str:
+    if dtype == torch.float64:
+        return "fp64"
+    if dtype == torch.float32:
+        return "tf32" if input_precision == "tf32" else "fp32"
+    return "16bit"
+
+
+def gpu_tier(capability: tuple[int, int]) -> str:
+    """'sm90' for compute capability ≥ 9.0 except consumer Blackwell (12.x), 'sm80' for 8.0, else 'small'."""
+    major, minor = capability
+    if major in (9, 10, 11):
+        return "sm90"
+    if (major, minor) == (8, 0):
+        return "sm80"
+    return "small"
+
+
+def dual_matmul_configs(dtype: torch.dtype, input_precision: str, capability: tuple[int, int]) -> list[triton.Config]:
+    """The autotune configs ``dual_matmul`` offers for this dtype, precision and GPU generation."""
+    if _INTERPRET:
+        return _INTERPRETER_CONFIGS
+    tier = gpu_tier(capability)
+    family = _family(dtype, input_precision)
+    if tier != "small":
+        return _DUAL_TABLE[family, tier]
+    # Smaller GPUs: the sm80 configs whose pipelined tiles fit 99 KiB (A and B tiles per stage).
+    size = torch.empty(0, dtype=dtype).element_size()
+    return [
+        c for c in _DUAL_TABLE[family, "sm80"]
+        if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * size
+        <= SHARED_MEMORY_LIMIT["small"]
     ]
 
 
@@ -96,41 +218,41 @@ def _accumulate_product(
     acc,
     a,
     b,
-    rm,
-    rn,
-    R,
-    C,
+    m_mask,
+    n_mask,
     K,
     stride_ar,
     stride_ak,
     stride_bc,
     stride_bk,
+    WIDE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """acc += a[rm, :]·b[rn, :]ᵀ for one output tile; a is (R, K), b is (C, K); rm, rn int64."""
+    """acc += A·Bᵀ for one output tile; a, b point at the tile's first row of A (R, K) and of B (C, K)."""
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    # tl.cast (not .to) because a stride of 1 arrives as a constexpr; int64 so that
-    # BLOCK_K·stride and rk·stride cannot overflow for huge strides.
-    stride_ak = tl.cast(stride_ak, tl.int64)
-    stride_bk = tl.cast(stride_bk, tl.int64)
+    if WIDE:
+        # tl.cast (not .to) because a stride of 1 arrives as a constexpr.
+        stride_ar = tl.cast(stride_ar, tl.int64)
+        stride_ak = tl.cast(stride_ak, tl.int64)
+        stride_bc = tl.cast(stride_bc, tl.int64)
+        stride_bk = tl.cast(stride_bk, tl.int64)
     a_ptrs = a + rm[:, None] * stride_ar + rk[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
-    b_ptrs = b + rk[:, None] * stride_bk + rn[None, :] * stride_bc  # (BLOCK_K, BLOCK_N) tile of bᵀ
-    m_mask = rm[:, None] < R
-    n_mask = rn[None, :] < C
+    b_ptrs = b + rk[:, None] * stride_bk + rn[None, :] * stride_bc  # (BLOCK_K, BLOCK_N) tile of Bᵀ
     for k0 in range(0, K, BLOCK_K):
         k_mask = rk < K - k0
-        a_tile = tl.load(a_ptrs, mask=m_mask & k_mask[None, :], other=0.0)
-        b_tile = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask, other=0.0)
+        a_tile = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b_tile = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a_tile, b_tile, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
 
 
-# Tuned per power-of-two bucket of the sizes, not per exact size: the row count N changes from
-# batch to batch (and is the reduction length of G = dYᵀ·X), and every new key costs a full tune.
-@triton.autotune(configs=_DUAL_CONFIGS, key=["R_KEY", "C_KEY", "K1_KEY", "K2_KEY"])
 @triton.jit
 def _dual_matmul_kernel(
     a1,
@@ -160,6 +282,7 @@ def _dual_matmul_kernel(
     K2_KEY,
     HAS_SECOND: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    WIDE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -167,7 +290,10 @@ def _dual_matmul_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """out[R, C] = a1·b1ᵀ (+ a2·b2ᵀ) (+ bias): both products go into one accumulator tile."""
+    """out[R, C] = a1·b1ᵀ (+ a2·b2ᵀ) (+ bias): both products go into one accumulator tile.
+
+    R_KEY … K2_KEY are the sizes rounded up to powers of two: the autotuner's key, unused here.
+    """
     # Grouped ("swizzled") tile order: GROUP_M consecutive programs share B tiles in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(R, BLOCK_M)
@@ -179,53 +305,104 @@ def _dual_matmul_kernel(
     pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    # The tile's first row and column, in int64: R·stride can pass 2**31 on a large tensor.
+    row0 = pid_m.to(tl.int64) * BLOCK_M
+    col0 = pid_n.to(tl.int64) * BLOCK_N
+    m_mask = tl.arange(0, BLOCK_M) < R - row0
+    n_mask = tl.arange(0, BLOCK_N) < C - col0
+    if HAS_BIAS:
+        # The bias row starts the accumulator: added in the epilogue instead, its (BLOCK_N,)
+        # load and broadcast sat next to the full accumulator and made ptxas spill.
+        rn = tl.arange(0, BLOCK_N)
+        bias_row = tl.load(bias + col0 * stride_bias + rn * stride_bias, mask=n_mask, other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE) + bias_row.to(ACC_DTYPE)[None, :]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     acc = _accumulate_product(
         acc,
-        a1,
-        b1,
-        rm,
-        rn,
-        R,
-        C,
+        a1 + row0 * stride_a1r,
+        b1 + col0 * stride_b1c,
+        m_mask,
+        n_mask,
         K1,
         stride_a1r,
         stride_a1k,
         stride_b1c,
         stride_b1k,
+        WIDE,
         INPUT_PRECISION,
+        BLOCK_M,
+        BLOCK_N,
         BLOCK_K,
     )
     if HAS_SECOND:
         acc = _accumulate_product(
             acc,
-            a2,
-            b2,
-            rm,
-            rn,
-            R,
-            C,
+            a2 + row0 * stride_a2r,
+            b2 + col0 * stride_b2c,
+            m_mask,
+            n_mask,
             K2,
             stride_a2r,
             stride_a2k,
             stride_b2c,
             stride_b2k,
+            WIDE,
             INPUT_PRECISION,
+            BLOCK_M,
+            BLOCK_N,
             BLOCK_K,
         )
-    if HAS_BIAS:
-        acc += tl.load(bias + rn * stride_bias, mask=rn < C, other=0.0).to(ACC_DTYPE)[None, :]
-    out_ptrs = out + rm[:, None] * stride_or + rn[None, :] * stride_oc
-    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=(rm[:, None] < R) & (rn[None, :] < C))
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    if WIDE:
+        stride_or = tl.cast(stride_or, tl.int64)
+        stride_oc = tl.cast(stride_oc, tl.int64)
+    out_ptrs = out + row0 * stride_or + col0 * stride_oc + rm[:, None] * stride_or + rn[None, :] * stride_oc
+    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# One autotuner per config list (dtype family × GPU tier), made on first use; they share the
+# kernel, and each keeps its own tuning cache.
+_DUAL_TUNERS: dict[tuple[int, ...], triton.runtime.Autotuner] = {}
+
+
+def _dual_tuner(configs: list[triton.Config]):
+    key = tuple(id(c) for c in configs)
+    if key not in _DUAL_TUNERS:
+        # Tuned per power-of-two bucket of the sizes, not per exact size: the row count N changes
+        # from batch to batch (and is the reduction length of G = dYᵀ·X), and every new key costs
+        # a full tune.
+        _DUAL_TUNERS[key] = triton.autotune(configs=configs, key=["R_KEY", "C_KEY", "K1_KEY", "K2_KEY"])(
+            _dual_matmul_kernel
+        )
+    return _DUAL_TUNERS[key]
+
+
+def tf32_enabled() -> bool:
+    """Whether PyTorch itself would run a float32 CUDA matmul on TF32 tensor cores right now.
+
+    PyTorch ≥ 2.9 resolves ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" / "ieee", or
+    "none" = inherit from ``torch.backends.fp32_precision``, default IEEE) from whichever API was
+    used, the new one or the legacy ``allow_tf32`` / ``set_float32_matmul_precision``. Reading the
+    legacy ``allow_tf32`` after the new API was used raises ("mix of the legacy and new APIs"),
+    so the legacy flag is read only on versions without the new one.
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except AttributeError:
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
 
 
 def _input_precision(dtype: torch.dtype) -> str:
     """TF32 only where PyTorch would use it for the same float32 matmul; exact products otherwise."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    return "tf32" if dtype == torch.float32 and tf32_enabled() else "ieee"
+
+
+# Largest tile side × 2: the in-tile offset bound used to decide WIDE (see _dual_matmul_kernel).
+_WIDE_STRIDE = 2**31 // 512
 
 
 def dual_matmul(
@@ -259,12 +436,18 @@ def dual_matmul(
         assert bias.shape == (C,) and bias.device == a1.device
     else:
         bias = out  # never read (HAS_BIAS is False)
+    K2 = a2.shape[1] if has_second else 0
+    strides = (*a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), bias.stride(0), *out.stride())
+    precision = _input_precision(a1.dtype)
+    kernel = _dual_tuner(dual_matmul_configs(a1.dtype, precision, _capability(a1)))
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(R, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)
 
     with _on_device(a1):
-        _dual_matmul_kernel[grid](
+        _launch(
+            kernel,
+            grid,
             a1,
             b1,
             a2,
@@ -274,7 +457,7 @@ def dual_matmul(
             R,
             C,
             K1,
-            a2.shape[1] if has_second else 0,
+            K2,
             a1.stride(0),
             a1.stride(1),
             b1.stride(0),
@@ -286,11 +469,12 @@ def dual_matmul(
             bias.stride(0) if has_bias else 0,
             out.stride(0),
             out.stride(1),
-            *(triton.next_power_of_2(max(size, 1)) for size in (R, C, K1, a2.shape[1] if has_second else 0)),
+            *(triton.next_power_of_2(max(size, 1)) for size in (R, C, K1, K2)),
             HAS_SECOND=has_second,
             HAS_BIAS=has_bias,
+            WIDE=max(abs(s) for s in strides) >= _WIDE_STRIDE,
             ACC_DTYPE=_acc_dtype(a1.dtype),
-            INPUT_PRECISION=_input_precision(a1.dtype),
+            INPUT_PRECISION=precision,
         )
     return out
 
@@ -302,6 +486,17 @@ def dual_matmul(
 # Largest block of R columns per program. Small under the interpreter so that the tests'
 # shapes span several column blocks (and exercise their masks).
 _M_BLOCK_R_MAX = 32 if _INTERPRET else 256
+
+
+def _m_matmul_config(R: int) -> triton.Config:
+    """Block of R columns per program: the next power of two ≤ the maximum; a warp per 64 columns."""
+    block_r = min(triton.next_power_of_2(max(R, 1)), _M_BLOCK_R_MAX)
+    return triton.Config({"BLOCK_R": block_r}, num_warps=max(1, min(4, block_r // 64)))
+
+
+def m_matmul_configs() -> list[triton.Config]:
+    """Every config ``m_matmul``'s launcher can pick (one per power-of-two block of columns)."""
+    return [_m_matmul_config(2**i) for i in range(_M_BLOCK_R_MAX.bit_length())]
 
 
 @triton.jit
@@ -377,9 +572,11 @@ def m_matmul(
     else:
         # Row-major entries are already in CSR order: the value index is the entry number.
         ptr, idx, perm = pattern.csr_ptr, pattern.indices[1], pattern.csr_ptr  # perm never read
-    block_r = min(triton.next_power_of_2(R), _M_BLOCK_R_MAX)
+    config = _m_matmul_config(R)
     with _on_device(b):
-        _m_matmul_kernel[(n, triton.cdiv(R, block_r))](
+        _launch(
+            _m_matmul_kernel,
+            (n, triton.cdiv(R, config.kwargs["BLOCK_R"])),
             b,
             diag,
             values,
@@ -398,8 +595,8 @@ def m_matmul(
             out.stride(0),
             USE_PERM=transpose,
             ACC_DTYPE=_acc_dtype(b.dtype),
-            BLOCK_R=block_r,
-            num_warps=max(1, min(4, block_r // 64)),
+            num_warps=config.num_warps,
+            **config.kwargs,
         )
     return out
 
@@ -412,6 +609,17 @@ def m_matmul(
 # cover several entry blocks and several T iterations.
 _SDDMM_BLOCK_E = 16 if _INTERPRET else 32
 _SDDMM_BLOCK_T_MAX = 16 if _INTERPRET else 128
+
+
+def _sddmm_config(T: int) -> triton.Config:
+    """BLOCK_E sampled entries per program, T reduced in blocks of up to BLOCK_T."""
+    block_t = min(triton.next_power_of_2(max(T, 1)), _SDDMM_BLOCK_T_MAX)
+    return triton.Config({"BLOCK_E": _SDDMM_BLOCK_E, "BLOCK_T": block_t}, num_warps=4)
+
+
+def sddmm_configs() -> list[triton.Config]:
+    """Every config ``sddmm``'s launcher can pick (one per power-of-two block of T)."""
+    return [_sddmm_config(2**i) for i in range(_SDDMM_BLOCK_T_MAX.bit_length())]
 
 
 @triton.jit
@@ -472,8 +680,10 @@ def _launch_sddmm(
     is_diag: bool,
 ) -> None:
     E, T = out.numel(), at.shape[1]
-    block_t = min(triton.next_power_of_2(T), _SDDMM_BLOCK_T_MAX)
-    _sddmm_kernel[(triton.cdiv(E, _SDDMM_BLOCK_E),)](
+    config = _sddmm_config(T)
+    _launch(
+        _sddmm_kernel,
+        (triton.cdiv(E, config.kwargs["BLOCK_E"]),),
         at,
         bt,
         rows,
@@ -489,8 +699,8 @@ def _launch_sddmm(
         cols.stride(0),
         IS_DIAG=is_diag,
         ACC_DTYPE=_acc_dtype(at.dtype),
-        BLOCK_E=_SDDMM_BLOCK_E,
-        BLOCK_T=block_t,
+        num_warps=config.num_warps,
+        **config.kwargs,
     )
 
 
