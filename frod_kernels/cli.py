@@ -233,6 +233,8 @@ def _memorise(args: argparse.Namespace, device: torch.device) -> int:
         device=device, tiny=args.tiny, keys=args.keys, classes=args.classes, steps=args.steps, batch=args.batch,
         eval_every=args.eval_every, seeds=args.seeds, methods=args.methods, lr_grid=grid,
         show_progress=not args.no_progress,
+        checkpoint=lambda partial: _write_json(args.json, {"machine": args.machine, "command": args.command_line,
+                                                           **partial}),
     )
     print(memorise.format_report(result))
     _write_json(args.json, {"machine": args.machine, "command": args.command_line, **result})
