@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="override a learning rate, e.g. --lr lora=5e-3 --lr frod=1e-2,1e-3 (δ, s)")
     conv.add_argument("--plot", type=Path, default=None, metavar="PNG")
     mem = sub.add_parser("memorise", parents=[common], help="MiniLM memorising random keys: FRoD vs LoRA vs full")
-    mem.add_argument("--keys", type=int, default=None, help="K training keys (default 512)")
+    mem.add_argument("--keys", type=int, default=None, help="K training keys (default 1024)")
     mem.add_argument("--classes", type=int, default=None, help="C labels (default 8)")
     mem.add_argument("--steps", type=int, default=None)
     mem.add_argument("--batch", type=int, default=None)
@@ -212,9 +212,14 @@ def _convergence(args: argparse.Namespace, device: torch.device) -> int:
         device=device, tiny=args.tiny, steps=args.steps, seeds=args.seeds, methods=args.methods,
         learning_rates=lrs, show_progress=not args.no_progress,
     )
-    print(convergence.format_report(result))
+    return _finish(args, result, convergence.format_report(result), plot_convergence)
+
+
+def _finish(args: argparse.Namespace, result: dict, report: str, plot) -> int:
+    """Print the report, write the JSON (with machine and command) and the plot if asked."""
+    print(report)
     _write_json(args.json, {"machine": args.machine, "command": args.command_line, **result})
-    if args.plot and plot_convergence(result, args.plot):
+    if args.plot and plot(result, args.plot):
         print(f"wrote {args.plot}")
     return 0
 
@@ -236,11 +241,7 @@ def _memorise(args: argparse.Namespace, device: torch.device) -> int:
         checkpoint=lambda partial: _write_json(args.json, {"machine": args.machine, "command": args.command_line,
                                                            **partial}),
     )
-    print(memorise.format_report(result))
-    _write_json(args.json, {"machine": args.machine, "command": args.command_line, **result})
-    if args.plot and plot_memorise(result, args.plot):
-        print(f"wrote {args.plot}")
-    return 0
+    return _finish(args, result, memorise.format_report(result), plot_memorise)
 
 
 def _peft(args: argparse.Namespace, device: torch.device) -> int:
