@@ -214,6 +214,33 @@ def test_float32_dual_matmul_runs_under_either_tf32_api(tf32_state, api):
     _check(got, exact, scale, torch.float32, slack=1e-3 / TOL[torch.float32])
 
 
+def test_dual_matmul_alignment_picks_the_config_list(monkeypatch):
+    """ALIGNED (every base address and non-unit stride divisible by 16) is what the launcher
+    passes, and it selects the list for unaligned operands otherwise."""
+    seen = []
+    real = triton_backend._launch
+    monkeypatch.setattr(
+        triton_backend, "_launch", lambda k, g, *a, **kw: seen.append(kw["ALIGNED"]) or real(k, g, *a, **kw)
+    )
+    a = torch.randn(64, 32, device=DEVICE)
+    triton_backend.dual_matmul(a, a)
+    triton_backend.dual_matmul(a[:, 1:], a[:, 1:])  # base address 4 bytes past an aligned one
+    triton_backend.dual_matmul(a[:33].t(), a[:33].t())  # stride 32 and 1: still aligned
+    triton_backend.dual_matmul(torch.randn(33, 17, device=DEVICE), a[:, :17])  # stride 17
+    assert seen == [True, False, True, False]
+    # What a GPU launch would offer (the interpreter always offers its single small config).
+    monkeypatch.setattr(triton_backend, "_INTERPRET", False)
+    configs = triton_backend.dual_matmul_configs
+    aligned, unaligned = triton_backend._DUAL_TABLE, triton_backend._DUAL_TABLE_UNALIGNED
+    assert configs(torch.float16, "ieee", (9, 0), True) is aligned["16bit", "sm90"]
+    assert configs(torch.bfloat16, "ieee", (8, 0), False) is unaligned["16bit", "sm80"]
+    assert configs(torch.float32, "tf32", (9, 0), False) is unaligned["tf32", "sm90"]
+    assert configs(torch.float32, "ieee", (8, 0), True) is aligned["fp32", "sm80"]
+    assert configs(torch.float64, "ieee", (10, 0), True) is aligned["fp64", "sm90"]
+    small = configs(torch.float16, "ieee", (8, 9), True)  # sm80's list, minus what exceeds 99 KiB
+    assert small and set(map(str, small)) <= set(map(str, aligned["16bit", "sm80"]))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dual_matmul_wide_offsets(monkeypatch, dtype):
     """The int64 in-tile offsets (WIDE), taken for huge strides, give the same numbers."""
@@ -236,12 +263,12 @@ def test_dual_matmul_wide_offsets(monkeypatch, dtype):
 def test_configs_offered_per_dtype_and_gpu():
     """Each dtype family and GPU generation has its own list; under the interpreter, one config."""
     assert len(triton_backend.dual_matmul_configs(torch.float32, "ieee", (9, 0))) == 1
-    table = triton_backend._DUAL_TABLE
-    assert {tier for _, tier in table} == {"sm90", "sm80"}
-    assert {family for family, _ in table} == {"16bit", "tf32", "fp32", "fp64"}
+    tables = triton_backend._DUAL_TABLE, triton_backend._DUAL_TABLE_UNALIGNED
+    for table in tables:
+        assert set(table) == {(f, t) for f in ("16bit", "tf32", "fp32", "fp64") for t in ("sm90", "sm80")}
     assert triton_backend.gpu_tier((9, 0)) == "sm90" and triton_backend.gpu_tier((8, 0)) == "sm80"
     assert triton_backend.gpu_tier((8, 9)) == triton_backend.gpu_tier((12, 0)) == "small"
-    for (family, tier), configs in table.items():
+    for (family, tier), configs in [*tables[0].items(), *tables[1].items()]:
         element = {"16bit": 2, "tf32": 4, "fp32": 4, "fp64": 8}[family]
         for c in configs:
             # A and B tiles of every pipeline stage fit the tier's shared memory (the AOT test

@@ -110,65 +110,97 @@ def _config(
     return triton.Config(meta, num_stages=stages, num_warps=warps)
 
 
-# Autotune lists per (operand family, GPU tier). Each one was chosen from the AOT compile of every
-# candidate (tests/test_gpu_compile.py, FROD_AOT_FULL=1): a config is offered only if it fits the
-# tier's shared memory and ptxas allocates it without spills, for every specialisation the
-# launchers produce. Families: "16bit" (bf16/fp16, tensor cores), "tf32" (fp32 on tensor cores),
-# "fp32" (fp32 IEEE: FMA, no tensor cores; big tiles cannot hold their accumulator in
-# registers), "fp64" (DFMA; 8-byte operands, so half the tile of fp32).
-# Tiers: "sm90" (Hopper and later with 227 KiB per block), "sm80" (A100: 163 KiB) and "small"
-# (sm_86/89/120 and the rest: ≤ 99 KiB), which gets the sm80 list minus what exceeds 99 KiB.
+# Autotune lists per (operand family, GPU tier), chosen with the AOT compile of
+# tests/test_gpu_compile.py: candidates were compiled for sm_90 and sm_80 with the heaviest and
+# several random recorded specialisations, and a config is offered only where it fits the tier's
+# shared memory and ptxas allocated it without spills, with a margin below 255 registers where
+# the choice allowed. Families: "16bit" (bf16/fp16, tensor cores), "tf32" (fp32 on tensor
+# cores), "fp32" (IEEE fp32: FMA, no tensor cores; its operand fragments live in registers, so
+# large tiles need a short BLOCK_K: 128×128×32 spilled, 128×128×8 does not), "fp64" (DFMA on
+# sm_90, DMMA on sm_80; 8-byte operands). Tiers: "sm90" (Hopper and later with 227 KiB per block),
+# "sm80" (A100: 163 KiB; mma.sync keeps more in registers than wgmma, so 128×256 tiles spill
+# there) and "small" (sm_86/89/120 and the rest: ≤ 99 KiB), which gets the sm80 list minus what
+# exceeds 99 KiB.
 _DUAL_TABLE: dict[tuple[str, str], list[triton.Config]] = {
     ("16bit", "sm90"): [
         _config(128, 256, 64, stages=3, warps=8),
-        _config(256, 128, 64, stages=3, warps=8),
         _config(128, 128, 64, stages=4, warps=8),
-        _config(128, 128, 32, stages=4, warps=4),
-        _config(128, 64, 64, stages=4, warps=4),
-        _config(64, 128, 64, stages=4, warps=4),
+        _config(128, 64, 64, stages=4, warps=8),
+        _config(64, 128, 64, stages=4, warps=8),
+        _config(64, 64, 64, stages=4, warps=4),
         _config(64, 64, 32, stages=5, warps=4),
     ],
     ("16bit", "sm80"): [
-        _config(128, 256, 64, stages=3, warps=8),
-        _config(256, 128, 64, stages=3, warps=8),
-        _config(128, 128, 32, stages=4, warps=4),
-        _config(128, 64, 64, stages=4, warps=4),
-        _config(64, 128, 64, stages=4, warps=4),
+        _config(128, 128, 64, stages=4, warps=8),
+        _config(128, 64, 64, stages=4, warps=8),
+        _config(64, 128, 64, stages=4, warps=8),
+        _config(64, 64, 64, stages=4, warps=4),
         _config(64, 64, 32, stages=5, warps=4),
     ],
     ("tf32", "sm90"): [
         _config(128, 128, 32, stages=4, warps=8),
-        _config(128, 64, 32, stages=4, warps=4),
-        _config(64, 128, 32, stages=4, warps=4),
+        _config(128, 64, 32, stages=4, warps=8),
+        _config(64, 128, 32, stages=4, warps=8),
         _config(64, 64, 32, stages=5, warps=4),
     ],
     ("tf32", "sm80"): [
         _config(128, 128, 32, stages=3, warps=8),
-        _config(128, 64, 32, stages=4, warps=4),
-        _config(64, 128, 32, stages=4, warps=4),
+        _config(128, 64, 32, stages=4, warps=8),
+        _config(64, 128, 32, stages=4, warps=8),
         _config(64, 64, 32, stages=4, warps=4),
     ],
     ("fp32", "sm90"): [
-        _config(128, 128, 32, stages=3, warps=8),
-        _config(128, 64, 32, stages=3, warps=4),
+        _config(128, 128, 8, stages=3, warps=8),
         _config(64, 64, 32, stages=4, warps=4),
+        _config(64, 64, 16, stages=3, warps=8),
+        _config(32, 64, 16, stages=3, warps=4),
     ],
     ("fp32", "sm80"): [
-        _config(128, 128, 32, stages=3, warps=8),
-        _config(128, 64, 32, stages=3, warps=4),
-        _config(64, 64, 32, stages=4, warps=4),
+        _config(128, 128, 8, stages=3, warps=8),
+        _config(128, 64, 16, stages=3, warps=8),
+        _config(64, 128, 16, stages=3, warps=8),
+        _config(64, 64, 8, stages=4, warps=4),
+        _config(32, 64, 16, stages=3, warps=4),
     ],
     ("fp64", "sm90"): [
-        _config(64, 64, 32, stages=3, warps=4),
-        _config(64, 32, 32, stages=3, warps=4),
-        _config(32, 64, 32, stages=3, warps=4),
-    ],
-    ("fp64", "sm80"): [
-        _config(64, 64, 32, stages=3, warps=4),
-        _config(64, 32, 32, stages=3, warps=4),
-        _config(32, 64, 32, stages=3, warps=4),
+        _config(128, 64, 8, stages=3, warps=8),
+        _config(64, 64, 16, stages=3, warps=8),
+        _config(64, 32, 16, stages=3, warps=4),
+        _config(32, 64, 16, stages=3, warps=4),
+        _config(32, 32, 16, stages=3, warps=4),
     ],
 }
+_DUAL_TABLE["fp64", "sm80"] = _DUAL_TABLE["fp64", "sm90"]
+
+# For operands that are not 16-byte aligned (a stride other than 1, or a base address, not a
+# multiple of 16 elements / bytes: e.g. Zᵀ = Vᵀ·Xᵀ stored (n, N) with an odd N, read transposed).
+# Triton cannot vectorise those loads, every element then carries its own pointer and mask, and
+# the large tiles above spill (fp16 128×256×64 on sm_90: up to 2.4 KB). Smaller tiles:
+_DUAL_TABLE_UNALIGNED: dict[tuple[str, str], list[triton.Config]] = {
+    ("16bit", "sm90"): [
+        _config(128, 64, 32, stages=4, warps=8),
+        _config(64, 128, 32, stages=4, warps=8),
+        _config(64, 64, 32, stages=4, warps=4),
+    ],
+    ("tf32", "sm90"): [
+        _config(128, 64, 32, stages=4, warps=8),
+        _config(64, 128, 32, stages=4, warps=8),
+        _config(64, 64, 16, stages=3, warps=8),
+    ],
+    ("fp32", "sm90"): [
+        _config(64, 64, 16, stages=3, warps=8),
+        _config(64, 32, 16, stages=3, warps=4),
+        _config(32, 32, 16, stages=3, warps=4),
+    ],
+    ("fp64", "sm90"): [
+        _config(64, 64, 16, stages=3, warps=8),
+        _config(64, 32, 16, stages=3, warps=4),
+        _config(32, 32, 16, stages=3, warps=4),
+    ],
+}
+# These tiles compiled spill-free for sm_80 as well (at most 178 registers), so both tiers share them.
+for _family_name in ("16bit", "tf32", "fp32", "fp64"):
+    _DUAL_TABLE_UNALIGNED[_family_name, "sm80"] = _DUAL_TABLE_UNALIGNED[_family_name, "sm90"]
 
 # Shared memory per block (opt-in maximum) of the tiers' reference GPUs, in bytes.
 SHARED_MEMORY_LIMIT = {"sm90": 232_448, "sm80": 166_912, "small": 101_376}
@@ -196,18 +228,22 @@ def gpu_tier(capability: tuple[int, int]) -> str:
     return "small"
 
 
-def dual_matmul_configs(dtype: torch.dtype, input_precision: str, capability: tuple[int, int]) -> list[triton.Config]:
-    """The autotune configs ``dual_matmul`` offers for this dtype, precision and GPU generation."""
+def dual_matmul_configs(
+    dtype: torch.dtype, input_precision: str, capability: tuple[int, int], aligned: bool = True
+) -> list[triton.Config]:
+    """The autotune configs ``dual_matmul`` offers for this dtype, precision, GPU generation and
+    operand alignment (``_aligned``)."""
     if _INTERPRET:
         return _INTERPRETER_CONFIGS
     tier = gpu_tier(capability)
     family = _family(dtype, input_precision)
+    table = _DUAL_TABLE if aligned else _DUAL_TABLE_UNALIGNED
     if tier != "small":
-        return _DUAL_TABLE[family, tier]
+        return table[family, tier]
     # Smaller GPUs: the sm80 configs whose pipelined tiles fit 99 KiB (A and B tiles per stage).
     size = torch.empty(0, dtype=dtype).element_size()
     return [
-        c for c in _DUAL_TABLE[family, "sm80"]
+        c for c in table[family, "sm80"]
         if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * size
         <= SHARED_MEMORY_LIMIT["small"]
     ]
@@ -282,6 +318,7 @@ def _dual_matmul_kernel(
     K2_KEY,
     HAS_SECOND: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    ALIGNED: tl.constexpr,
     WIDE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -293,6 +330,8 @@ def _dual_matmul_kernel(
     """out[R, C] = a1·b1ᵀ (+ a2·b2ᵀ) (+ bias): both products go into one accumulator tile.
 
     R_KEY … K2_KEY are the sizes rounded up to powers of two: the autotuner's key, unused here.
+    ALIGNED (every base address and non-unit stride a multiple of 16) chose the config list and
+    keeps the two lists' tunings apart; the kernel itself does not read it.
     """
     # Grouped ("swizzled") tile order: GROUP_M consecutive programs share B tiles in L2.
     pid = tl.program_id(0)
@@ -401,6 +440,12 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and tf32_enabled() else "ieee"
 
 
+def _aligned(tensors: tuple[torch.Tensor, ...], strides: tuple[int, ...]) -> bool:
+    """Whether Triton's JIT will see every base address and every non-unit stride as divisible by
+    16 (the condition for vectorised loads; bytes for addresses, elements for strides)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors) and all(s % 16 == 0 for s in strides if s != 1)
+
+
 # Largest tile side × 2: the in-tile offset bound used to decide WIDE (see _dual_matmul_kernel).
 _WIDE_STRIDE = 2**31 // 512
 
@@ -439,7 +484,8 @@ def dual_matmul(
     K2 = a2.shape[1] if has_second else 0
     strides = (*a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), bias.stride(0), *out.stride())
     precision = _input_precision(a1.dtype)
-    kernel = _dual_tuner(dual_matmul_configs(a1.dtype, precision, _capability(a1)))
+    aligned = _aligned((a1, b1, a2, b2, bias, out), strides)
+    kernel = _dual_tuner(dual_matmul_configs(a1.dtype, precision, _capability(a1), aligned))
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(R, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)
@@ -472,6 +518,7 @@ def dual_matmul(
             *(triton.next_power_of_2(max(size, 1)) for size in (R, C, K1, K2)),
             HAS_SECOND=has_second,
             HAS_BIAS=has_bias,
+            ALIGNED=aligned,
             WIDE=max(abs(s) for s in strides) >= _WIDE_STRIDE,
             ACC_DTYPE=_acc_dtype(a1.dtype),
             INPUT_PRECISION=precision,
