@@ -116,7 +116,7 @@ def _config(
 # shared memory and ptxas allocated it without spills, with a margin below 255 registers where
 # the choice allowed. Families: "16bit" (bf16/fp16, tensor cores), "tf32" (fp32 on tensor
 # cores), "fp32" (IEEE fp32: FMA, no tensor cores; its operand fragments live in registers, so
-# large tiles need a short BLOCK_K: 128×128×32 spilled, 128×128×8 does not), "fp64" (DFMA on
+# large tiles need a short BLOCK_K: 128×128×32 spilled on both tiers, 128×128×8 only on sm_80), "fp64" (DFMA on
 # sm_90, DMMA on sm_80; 8-byte operands). Tiers: "sm90" (Hopper and later with 227 KiB per block),
 # "sm80" (A100: 163 KiB; mma.sync keeps more in registers than wgmma, so 128×256 tiles spill
 # there) and "small" (sm_86/89/120 and the rest: ≤ 99 KiB), which gets the sm80 list minus what
@@ -151,14 +151,15 @@ _DUAL_TABLE: dict[tuple[str, str], list[triton.Config]] = {
     ],
     ("fp32", "sm90"): [
         _config(128, 128, 8, stages=3, warps=8),
+        _config(128, 64, 16, stages=3, warps=8),
         _config(64, 64, 32, stages=4, warps=4),
         _config(64, 64, 16, stages=3, warps=8),
         _config(32, 64, 16, stages=3, warps=4),
     ],
     ("fp32", "sm80"): [
-        _config(128, 128, 8, stages=3, warps=8),
         _config(128, 64, 16, stages=3, warps=8),
         _config(64, 128, 16, stages=3, warps=8),
+        _config(64, 64, 16, stages=3, warps=8),
         _config(64, 64, 8, stages=4, warps=4),
         _config(32, 64, 16, stages=3, warps=4),
     ],
@@ -661,7 +662,9 @@ _SDDMM_BLOCK_T_MAX = 16 if _INTERPRET else 128
 def _sddmm_config(T: int) -> triton.Config:
     """BLOCK_E sampled entries per program, T reduced in blocks of up to BLOCK_T."""
     block_t = min(triton.next_power_of_2(max(T, 1)), _SDDMM_BLOCK_T_MAX)
-    return triton.Config({"BLOCK_E": _SDDMM_BLOCK_E, "BLOCK_T": block_t}, num_warps=4)
+    # Rows are gathered (data-dependent addresses), so every element holds its own 64-bit pointer:
+    # a 32 × 128 fp64 tile on 4 warps needed 255 registers and spilled ~400 B; 8 warps: ≤ 214, none.
+    return triton.Config({"BLOCK_E": _SDDMM_BLOCK_E, "BLOCK_T": block_t}, num_warps=8 if block_t >= 128 else 4)
 
 
 def sddmm_configs() -> list[triton.Config]:
