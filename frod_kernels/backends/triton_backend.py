@@ -17,9 +17,9 @@
 
 All kernels accumulate in float32 (float64 for float64 inputs) and write the input's dtype.
 Tensors with more than 2**31 elements are addressed safely: the GEMM moves each tile's base pointer
-in int64 and keeps the offsets inside a tile in int32 (64-bit offset tensors double the registers a
-large tile needs and made it spill), switching those to int64 too when a stride is so large that
-an in-tile offset could pass 2**31 (``WIDE``); the other kernels compute offsets in int64.
+in int64 and keeps the offsets inside a tile in int32 (the usual Triton GEMM form), switching those
+to int64 too when a stride is so large that an in-tile offset could pass 2**31 (``WIDE``); the
+other kernels compute offsets in int64.
 
 Tuning: ``dual_matmul_configs(dtype, input_precision, capability)`` is the autotune list for one
 dtype and GPU generation. Every config in it was compiled for sm_90 and sm_80 and fits the
@@ -115,12 +115,13 @@ def _config(
 # several random recorded specialisations, and a config is offered only where it fits the tier's
 # shared memory and ptxas allocated it without spills, with a margin below 255 registers where
 # the choice allowed. Families: "16bit" (bf16/fp16, tensor cores), "tf32" (fp32 on tensor
-# cores), "fp32" (IEEE fp32: FMA, no tensor cores; its operand fragments live in registers, so
-# large tiles need a short BLOCK_K: 128×128×32 spilled on both tiers, 128×128×8 only on sm_80), "fp64" (DFMA on
-# sm_90, DMMA on sm_80; 8-byte operands). Tiers: "sm90" (Hopper and later with 227 KiB per block),
-# "sm80" (A100: 163 KiB; mma.sync keeps more in registers than wgmma, so 128×256 tiles spill
-# there) and "small" (sm_86/89/120 and the rest: ≤ 99 KiB), which gets the sm80 list minus what
-# exceeds 99 KiB.
+# cores), "fp32" (IEEE fp32: FMA dots, which hold their operand fragments in registers, so large
+# tiles need a short BLOCK_K: 128×128×32 spilled on both tiers, 128×128×8 only on sm_80), "fp64"
+# (FMA on sm_90, DMMA on sm_80; 8-byte operands; 128×128×32 spilled 12 KB, and with a bias ptxas
+# fell back to 32 registers and a 72 KB spill). Tiers: "sm90" (Hopper and later, 227 KiB per
+# block), "sm80" (A100: 163 KiB; mma.sync keeps more in registers than wgmma, so 128×256 tiles
+# spill there) and "small" (sm_86/89/120 and the rest: ≤ 99 KiB), which gets the sm80 list minus
+# what exceeds 99 KiB.
 _DUAL_TABLE: dict[tuple[str, str], list[triton.Config]] = {
     ("16bit", "sm90"): [
         _config(128, 256, 64, stages=3, warps=8),
@@ -351,8 +352,8 @@ def _dual_matmul_kernel(
     m_mask = tl.arange(0, BLOCK_M) < R - row0
     n_mask = tl.arange(0, BLOCK_N) < C - col0
     if HAS_BIAS:
-        # The bias row starts the accumulator: added in the epilogue instead, its (BLOCK_N,)
-        # load and broadcast sat next to the full accumulator and made ptxas spill.
+        # The bias row starts the accumulator: one broadcast per tile before the K loops, and
+        # no second pass over the accumulator in the epilogue.
         rn = tl.arange(0, BLOCK_N)
         bias_row = tl.load(bias + col0 * stride_bias + rn * stride_bias, mask=n_mask, other=0.0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE) + bias_row.to(ACC_DTYPE)[None, :]
