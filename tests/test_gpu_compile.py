@@ -19,12 +19,14 @@ offers for that kernel, dtype and target (``dual_matmul_configs``, ``m_matmul_co
         (``wgmma`` on sm_90, ``mma.sync`` on sm_80).
 
 Compiles of one kernel × dtype × target × config differ only in the specialisation (strides that
-are 1, sizes divisible by 16, bias and second product on or off), so a CI run samples: every
-offered GEMM config with the heaviest specialisation (bias and second product) plus two random
-(specialisation, config) pairs per dtype and target, and for the sparse kernels the largest
-block plus a random one (about 110 compiles, ~2-3 minutes on 2 cores). The draws use
-``FROD_AOT_SEED`` (default 0). ``FROD_AOT_FULL=1`` compiles every recorded specialisation with
-every offered config (the long run: some 1,900 compiles, over an hour on 2 cores).
+are 1, sizes and addresses divisible by 16, bias and second product on or off), so a CI run
+samples: every offered GEMM config (aligned and unaligned lists) with the heaviest specialisation
+(bias and second product; bf16 and fp16, which compile alike, take alternate configs) plus one
+random (specialisation, config) pair per list, dtype and target; for the sparse kernels the
+largest block and a random one. That is about 115 compiles, under 2 minutes with 2 cores. The
+draws use ``FROD_AOT_SEED`` (default 0). ``FROD_AOT_FULL=1`` compiles every recorded
+specialisation with every offered config: the long run, 2,122 compiles (estimated 40-60 minutes
+on 2 cores; not yet run in full).
 ``FROD_AOT_WORKERS`` sets the compile processes (default: the CPU count, at most 4);
 ``FROD_AOT_REPORT=path.json`` writes every compile's resources. The number of compiles and the
 per-config maxima are printed.
@@ -108,11 +110,17 @@ def _record(dtype: torch.dtype, tf32: bool, monkeypatch) -> list[tuple[str, dict
     """
     import inspect
 
-    from frod_kernels import frod_linear
-    from frod_kernels.backends import triton_backend
+    from frod_kernels import dispatch, frod_linear
+    from frod_kernels.backends import self_check, triton_backend
     from frod_kernels.pattern import sample_sparse_pattern
 
     launches = []
+    # CPU tensors under the interpreter (CI); on a GPU machine (no interpreter) CUDA tensors, with
+    # every primitive on Triton (single GEMMs would go to cuBLAS) and no self-check (it would run
+    # the kernels, which the recorder does not).
+    device = "cpu" if triton_backend._INTERPRET else "cuda"
+    monkeypatch.setattr(dispatch, "_primitive_overrides", dict.fromkeys(dispatch.PRIMITIVES, "triton"))
+    monkeypatch.setattr(self_check, "CHECKED_DEVICE_TYPES", set())
 
     def recorder(kernel, grid, *args, **kwargs):
         fn = _python_function(kernel)
@@ -137,16 +145,20 @@ def _record(dtype: torch.dtype, tf32: bool, monkeypatch) -> list[tuple[str, dict
                             for transposed_x in (False, True):
                                 x = torch.randn(n, rows, generator=gen).t() if transposed_x else (
                                     torch.randn(rows, n, generator=gen))
-                                x = x.to(dtype).requires_grad_(grad)
-                                w = torch.randn(o, n, generator=gen, dtype=dtype) if has_weight else None
-                                b = torch.randn(o, generator=gen, dtype=dtype) if has_bias else None
-                                u = torch.randn(o, n, generator=gen, dtype=dtype)
-                                v = torch.randn(n, n, generator=gen, dtype=dtype)
-                                delta = torch.randn(n, generator=gen, dtype=dtype).requires_grad_(grad)
-                                values = torch.randn(idx.shape[1], generator=gen, dtype=dtype).requires_grad_(grad)
-                                y = frod_linear(x, w, b, u, v, delta, idx, values, backend="triton", path=path)
+                                x = x.to(device, dtype).requires_grad_(grad)
+
+                                def rand(*shape):
+                                    return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+
+                                w = rand(o, n) if has_weight else None
+                                b = rand(o) if has_bias else None
+                                u, v = rand(o, n), rand(n, n)
+                                delta = rand(n).requires_grad_(grad)
+                                values = rand(idx.shape[1]).requires_grad_(grad)
+                                y = frod_linear(x, w, b, u, v, delta, idx.to(device), values, backend="triton",
+                                                path=path)
                                 if grad:
-                                    y.backward(torch.randn(y.shape, generator=gen, dtype=dtype))
+                                    y.backward(rand(*y.shape))
     finally:
         matmul.fp32_precision = old_precision
     return launches
@@ -206,14 +218,20 @@ def _aot_backend():
                 os.environ.pop("TRITON_INTERPRET", None)
             else:
                 os.environ["TRITON_INTERPRET"] = old
+        _AOT["module"] = module
+    return _AOT["module"]
+
+
+def _configure_compiler() -> None:
+    """In a compile worker only: a private cache, and always compile (a cache hit would skip
+    ptxas and its log), with the ptxas log printed."""
+    if "configured" not in _AOT:
         from triton import knobs
 
-        # A private cache, and always compile: a cache hit would skip ptxas and its log.
         knobs.cache.dir = os.environ.get("FROD_AOT_CACHE") or tempfile.mkdtemp(prefix="frod_aot_")
         knobs.compilation.always_compile = True
         knobs.nvidia.dump_ptxas_log = True
-        _AOT["module"] = module
-    return _AOT["module"]
+        _AOT["configured"] = True
 
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
@@ -226,6 +244,7 @@ def _compile(job: tuple) -> dict:
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
+    _configure_compiler()
     fn = getattr(_aot_backend(), name)
     consts = {k: (triton.language.dtype(v) if k == "ACC_DTYPE" else v) for k, v in constexprs}
     consts.update(meta)
@@ -308,8 +327,8 @@ def compiled(request, tmp_path_factory):
                     pairs = [(heaviest[0] if heaviest else rng.choice(ordered), config) for config in mine]
                     pairs.append((rng.choice(ordered), rng.choice(configs)))
                 else:
-                    # The largest block (most registers), with a random specialisation.
-                    pairs = [(rng.choice(ordered), configs[-1])]
+                    # The largest block (most registers) and a random one, random specialisations.
+                    pairs = [(rng.choice(ordered), configs[-1]), (rng.choice(ordered), rng.choice(configs))]
                 for spec, config in dict.fromkeys(pairs, None):
                     jobs.append((spec, arch, dict(config.kwargs), config.num_warps, config.num_stages))
                     label = _config_label(config) + (" unaligned" if aligned is False else "")
