@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import FRoDConfig
 from .decomposition import ALGORITHM_VERSION
 from .fingerprint import weight_fingerprint
 from .layer import MODES, FRoDBasis, FRoDLinear
@@ -155,28 +156,52 @@ def _describe(model: nn.Module) -> dict[str, dict]:
     return cats
 
 
-def save_frod(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter to ``path`` (safetensors) atomically: a unique temporary file beside the
-    target, fsynced, then renamed over it. A symlink at ``path`` is followed, not replaced.
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
 
-    The file holds δ, s and every other trainable parameter, and per category all that rebuilds
-    and checks the basis: ``load_frod`` needs nothing else (no seed to pass again).
+
+def _is_directory_target(path: str | os.PathLike) -> bool:
+    """A directory, a path ending in a separator, or a name without an extension ("out/adapter")."""
+    return Path(path).is_dir() or str(path).endswith(("/", os.sep)) or not Path(path).suffix
+
+
+def save_frod(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the adapter to ``path``: one safetensors file (a name with an extension, e.g.
+    ``adapter.safetensors``), or PEFT's layout when ``path`` is a directory, ends with ``/`` or has
+    no extension: ``adapter_model.safetensors`` + ``adapter_config.json`` inside it.
+
+    Each file is written atomically: a unique temporary file beside the target, fsynced, then
+    renamed over it. A symlink at the target is followed, not replaced. The adapter holds δ, s and
+    every other trainable parameter (``modules_to_save``), and per category all that rebuilds and
+    checks the basis: ``load_frod`` needs nothing else (no seed to pass again).
     """
     from safetensors.torch import save_file
 
     tensors = {k: v.contiguous() for k, v in frod_state_dict(model).items()}
     cats = _describe(model)
     frod_keys = {f"{name}.{key}" for c in cats.values() for name in c["layers"] for key in _FROD_KEYS}
+    configs = [c.to_dict() for c in getattr(model, "frod_configs", [])]
     metadata = {
         "format": _FORMAT, "version": _VERSION, "categories": json.dumps(cats),
-        "extra": json.dumps(sorted(k for k in tensors if k not in frod_keys)),
+        "extra": json.dumps(sorted(k for k in tensors if k not in frod_keys)), "configs": json.dumps(configs),
     }
+    if _is_directory_target(path):
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomically(directory / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        config = {key: metadata[key] if key in ("format", "version") else json.loads(metadata[key]) for key in metadata}
+        _write_atomically(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    else:
+        _write_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def _write_atomically(path: Path, write) -> None:
     path = Path(os.path.realpath(path))
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        write(tmp)
         _fsync(tmp)  # the bytes are on disk before the rename makes them the adapter
         os.replace(tmp, path)
     finally:
@@ -221,10 +246,14 @@ def _parse_metadata(path: Path, metadata: dict) -> tuple[dict[str, dict], list[s
     return cats, extra
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[str]]:
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[str], list[dict]]:
+    """(tensors, categories, extra keys, configs) of an adapter file or directory, all checked."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
+    directory = path if path.is_dir() else None
+    if directory is not None:
+        path = directory / ADAPTER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no adapter file at {path}")
     try:
@@ -241,11 +270,24 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[st
             f"(format 1 fingerprinted only a sample of the base weights: re-save it from the trained model)"
         )
     cats, extra = _parse_metadata(path, metadata)
+    if directory is not None and (directory / CONFIG_FILE).is_file():
+        try:
+            config = json.loads((directory / CONFIG_FILE).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{directory / CONFIG_FILE} is not JSON: {exc}") from exc
+        if not isinstance(config, dict) or config.get("categories") != cats or config.get("extra") != extra:
+            raise ValueError(
+                f"{directory}: {CONFIG_FILE} and {ADAPTER_FILE} describe different adapters (copied from two saves?)"
+            )
     frod_keys = {f"{name}.{key}" for c in cats.values() for name in c["layers"] for key in _FROD_KEYS}
     undeclared = sorted(set(tensors) - frod_keys - set(extra))
     if undeclared:
         raise ValueError(f"{path} holds tensors its metadata does not declare, e.g. {undeclared[0]!r}")
-    return tensors, cats, extra
+    try:
+        configs = [FRoDConfig(**c) for c in json.loads(metadata.get("configs", "[]"))]
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} has damaged FRoD metadata: 'configs' ({exc})") from exc
+    return tensors, cats, extra, configs
 
 
 def _seed_text(cat: dict) -> str:
@@ -309,8 +351,9 @@ def _check_against_model(path: Path, have: dict[str, dict], cats: dict[str, dict
 
 
 def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None) -> nn.Module:
-    """Load an adapter into ``model``: a base model (FRoD is applied from the file's categories) or
-    a model that already has the same FRoD layers. Returns the model.
+    """Load an adapter (a file, or a directory written by ``save_frod``) into ``model``: a base
+    model (FRoD is applied from the file's categories) or a model that already has the same FRoD
+    layers. Returns the model.
 
     δ means the same in both modes (λ' = λ + δ), so an adapter saved in one mode loads into a
     model in the other; ``mode`` picks the mode when FRoD is applied to a base model (default:
@@ -318,15 +361,16 @@ def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None
     trainable, as they were when saved. On any refusal the model is left exactly as it was.
     """
     path = Path(path)
-    tensors, cats, extra = _read(path)
+    tensors, cats, extra, configs = _read(path)
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     params = dict(model.named_parameters())
     unknown = [k for k in extra if k not in params]
     if unknown:
         raise ValueError(f"adapter tensor {unknown[0]!r} matches no parameter of the model")
+    applied = not frod_layers(model)
     with ModelTransaction(model) as tx:
-        if not frod_layers(model):
+        if applied:
             for name, cat in cats.items():
                 _check_rebuildable(path, name, cat)
             specs = {
@@ -346,4 +390,6 @@ def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None
                 )
             params[key].requires_grad_(True)
         load_frod_state_dict(model, tensors)
+    if applied:
+        model.frod_configs = configs
     return model

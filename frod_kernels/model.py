@@ -19,6 +19,7 @@ import logging
 import re
 import sys
 import time
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .config import FRoDConfig
 from .decomposition import check_weights, joint_decompose, validate_reg
 from .dispatch import BACKENDS, PATHS
 from .fingerprint import weight_fingerprint
@@ -34,6 +36,7 @@ from .pattern import sample_sparse_pattern, validate_seed, validate_sparse_rate
 
 __all__ = [
     "CategorySpec",
+    "FRoDCheckpointWarning",
     "FRoDSummary",
     "ModelTransaction",
     "apply_categories",
@@ -43,7 +46,9 @@ __all__ = [
     "frod_layers",
     "frod_param_groups",
     "merge_frod",
+    "print_trainable_parameters",
     "summarize",
+    "trainable_parameters",
     "unload_frod",
     "unmerge_frod",
 ]
@@ -142,8 +147,7 @@ def summarize(model: nn.Module) -> FRoDSummary:
             "sparse_rate": basis.sparse_rate, "seed": basis.base_seed, "reg": basis.reg,
             "max_error": basis.max_error, "jitter": basis.jitter,
         }
-    summary.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    summary.total = sum(p.numel() for p in model.parameters())
+    summary.trainable, summary.total = trainable_parameters(model)
     return summary
 
 
@@ -341,18 +345,9 @@ def _frod_param_ids(model: nn.Module) -> set[int]:
     return {id(p) for layer in frod_layers(model).values() for p in (layer.delta, layer.sparse_values)}
 
 
-def _progress(verbose: bool, i: int, total: int, name: str, basis: FRoDBasis, layers: int, started: float) -> None:
-    if verbose:
-        print(
-            f"[frod] {i + 1}/{total} {name}: {layers} x ({basis.n}, {basis.n}) basis, decomposed in "
-            f"{time.perf_counter() - started:.1f}s, max rel. error {basis.max_error:.1e}",
-            file=sys.stderr,
-        )
-
-
 def apply_frod(
     model: nn.Module,
-    target_modules: str | Sequence[str],
+    target_modules: str | Sequence[str] | FRoDConfig,
     sparse_rate: float = 0.01,
     seed: int = 0,
     reg: float = 1e-3,
@@ -360,41 +355,154 @@ def apply_frod(
     backend: str = "auto",
     path: str = "auto",
     param_dtype: torch.dtype | None = None,
+    modules_to_save: Sequence[str] = (),
+    progress: bool | None = None,
     verbose: bool = False,
 ) -> FRoDSummary:
     """Replace the targeted ``nn.Linear`` (or ``Conv1D``) modules of ``model`` in place by ``FRoDLinear``.
 
     Args:
-        target_modules: a regex (full match on the module name) or a list of name suffixes. A
-            module reachable under several names is matched by any of them and replaced under all.
+        target_modules: a regex (full match on the module name) or a list of name suffixes, or a
+            ``FRoDConfig`` (then its fields replace sparse_rate, seed, reg, mode, modules_to_save).
+            A module reachable under several names is matched by any of them and replaced under all.
         sparse_rate: ρ in (0, 1) or 0; seed: base seed of the patterns; reg: α of FROD.md §2.
         mode: 'additive' (keep W) or 'factored' (drop W, FROD.md §6).
         param_dtype: dtype of δ and s (default: each weight's dtype).
-        verbose: print one progress line per category to stderr.
+        modules_to_save: name suffixes of modules (a task head) that stay trainable; ``save_frod``
+            saves them and ``load_frod`` restores them.
+        progress: a progress bar over categories on stderr (tqdm, if installed); default: when
+            stderr is a terminal.
+        verbose: print one line per category to stderr (for logs).
 
     Categories are the targets with the same path pattern (``category_name``) and weight shape.
     Every other parameter of the model is frozen (``requires_grad = False``) except the δ and s of
-    FRoD layers from earlier calls, which keep their state: calls compose. Everything is checked
-    before the model is touched, and a call that fails half-way is rolled back, so a refused call
-    leaves the model exactly as it was. Returns a summary of all the model's FRoD categories.
+    FRoD layers from earlier calls, which keep their state (calls compose), and ``modules_to_save``.
+    Everything is checked before the model is touched, and a call that fails half-way is rolled
+    back, so a refused call leaves the model exactly as it was. The config is appended to
+    ``model.frod_configs``. Returns a summary of all the model's FRoD categories.
     """
-    sparse_rate = validate_sparse_rate(sparse_rate)
-    seed, reg = validate_seed(seed), validate_reg(reg)
+    if isinstance(target_modules, FRoDConfig):
+        config = target_modules
+    else:
+        config = FRoDConfig(target_modules, sparse_rate, seed, reg, mode, modules_to_save)
+    sparse_rate = validate_sparse_rate(config.sparse_rate)
+    seed, reg, mode = validate_seed(config.seed), validate_reg(config.reg), config.mode
     _validate_layer_options(mode, backend, path, param_dtype)
     existing = frod_categories(model)
-    groups = _group(_find_targets(model, target_modules), set(existing))
+    targets = _find_targets(model, config.target_modules)
+    groups = _group(targets, set(existing))
     _check_category_weights(groups)  # fail before touching the model, not half-way through it
+    saved = _find_modules_to_save(model, config.modules_to_save, targets)
     keep = _frod_param_ids(model)
-    with ModelTransaction(model) as tx:
-        _freeze_all_but_frod(model, keep)
-        for i, (cat, members) in enumerate(groups.items()):
-            started = time.perf_counter()
-            spec = CategorySpec([t.name for t in members], sparse_rate, category_seed(seed, cat), reg, mode, seed)
-            basis = _build_category(tx, cat, members, spec, backend, path, param_dtype)
-            _progress(verbose, i, len(groups), cat, basis, len(members), started)
+    bar = _progress_bar(len(groups), progress)
+    try:
+        with ModelTransaction(model) as tx:
+            _freeze_all_but_frod(model, keep)
+            for i, (cat, members) in enumerate(groups.items()):
+                started = time.perf_counter()
+                spec = CategorySpec([t.name for t in members], sparse_rate, category_seed(seed, cat), reg, mode, seed)
+                basis = _build_category(tx, cat, members, spec, backend, path, param_dtype)
+                _report(bar, verbose, i, len(groups), cat, basis, len(members), started)
+            for module in saved:
+                module.requires_grad_(True)
+    finally:
+        if bar is not None:
+            bar.close()
+    model.frod_configs = [*getattr(model, "frod_configs", []), config]
+    _guard_save_pretrained(model)
     summary = summarize(model)
     logger.info("apply_frod: %d layers, %d categories, %d trainable", summary.layers, len(groups), summary.trainable)
     return summary
+
+
+def _find_modules_to_save(model: nn.Module, names: Sequence[str], targets: list[_Target]) -> list[nn.Module]:
+    """The modules named by ``modules_to_save`` (suffixes); each must match, none may be a target."""
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"modules_to_save must be a list of module-name suffixes, got {names!r}")
+    target_ids = {id(t.module) for t in targets}
+    found = []
+    for suffix in names:
+        matched = [t for t in _modules_with_all_names(model)
+                   if any(a == suffix or a.endswith("." + suffix) for a in t.aliases)]
+        if not matched:
+            raise ValueError(f"modules_to_save entry {suffix!r} matched no module of the model")
+        for t in matched:
+            if id(t.module) in target_ids:
+                raise ValueError(f"module {t.name!r} is both a FRoD target and in modules_to_save")
+            found.append(t.module)
+    return found
+
+
+def _progress_bar(total: int, enabled: bool | None):
+    """A tqdm bar over categories, or None (disabled, not a terminal, or tqdm not installed)."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="apply_frod", unit="category", file=sys.stderr)
+
+
+def _report(bar, verbose: bool, i: int, total: int, name: str, basis: FRoDBasis, layers: int, started: float) -> None:
+    seconds = time.perf_counter() - started
+    if bar is not None:
+        bar.set_postfix_str(f"{name}: {layers} layers, {seconds:.1f}s")
+        bar.update(1)
+    if verbose:
+        print(
+            f"[frod] {i + 1}/{total} {name}: {layers} x ({basis.n}, {basis.n}) basis, decomposed in "
+            f"{seconds:.1f}s, max rel. error {basis.max_error:.1e}",
+            file=sys.stderr,
+        )
+
+
+class FRoDCheckpointWarning(UserWarning):
+    """A checkpoint is about to be written that transformers would reload without the adapter."""
+
+
+class _SavePretrainedGuard:
+    """Stands in for ``model.save_pretrained`` on a transformers model with FRoD layers.
+
+    transformers' ``from_pretrained`` rebuilds plain layers and drops δ and s, so a plain
+    ``save_pretrained()`` loses the trained function on reload. Without ``state_dict=`` (which
+    the HF Trainer and ``frod_kernels.save_pretrained`` pass) this warns, then saves as asked.
+    A plain object, not a bound function, so that the model still pickles and deep-copies.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        if "state_dict" not in kwargs and frod_layers(self.model):
+            warnings.warn(
+                "save_pretrained() on a model with FRoD layers writes the base weights beside delta and "
+                "sparse_values, and from_pretrained() rebuilds plain layers and drops them: the reloaded model "
+                "loses the adapter. Use frod_kernels.save_pretrained(model, dir) for a checkpoint with merged "
+                "weights, or frod_kernels.save_frod(model, dir) for the adapter.",
+                FRoDCheckpointWarning, stacklevel=2,
+            )
+        return type(self.model).save_pretrained(self.model, *args, **kwargs)
+
+
+def _guard_save_pretrained(model: nn.Module) -> None:
+    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in vars(model):
+        model.save_pretrained = _SavePretrainedGuard(model)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, as ``requires_grad`` says now (shared parameters once)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print PEFT's line: ``trainable params: … || all params: … || trainable%: …``."""
+    trainable, total = trainable_parameters(model)
+    share = 100 * trainable / max(total, 1)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
 
 def apply_categories(
@@ -426,6 +534,7 @@ def apply_categories(
     for cat, members in groups.items():
         spec = specs[cat]
         _build_category(tx, cat, members, spec, "auto", "auto", None, fingerprint=computed[cat])
+    _guard_save_pretrained(model)
 
 
 def _missing_layers_message(cat: str, missing: list[str], names: list[str]) -> str:
@@ -476,6 +585,8 @@ def unload_frod(model: nn.Module, merge: bool = True) -> nn.Module:
             plain = _from_linear(target.module.to_linear(merge=merge), target.module.base_class)
             for alias in target.aliases:  # one module again wherever the FRoD layer was
                 _replace(model, alias, plain)
+    if isinstance(vars(model).get("save_pretrained"), _SavePretrainedGuard):
+        del model.save_pretrained
     return model
 
 
