@@ -14,15 +14,16 @@ def test_readme_usage_example_runs(tmp_path, capsys):
     text = README.read_text()
     usage = text.split("## Usage", 1)[1]
     code = re.search(r"```python\n(.*?)```", usage, re.S).group(1)
-    assert len(code.strip().splitlines()) <= 14
+    assert len(code.strip().splitlines()) <= 16
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
         exec(compile(code, "README.md", "exec"), {})
     finally:
         os.chdir(cwd)
-    assert (tmp_path / "adapter.safetensors").is_file()
-    assert "trainable" in capsys.readouterr().out
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert "trainable params" in capsys.readouterr().out
 
 
 def test_readme_starts_with_the_two_commands():
