@@ -48,6 +48,11 @@ _CATEGORY_SCHEMA: dict[str, tuple[type, ...]] = {
 }
 
 
+def _frod_keys(layer_names) -> set[str]:
+    """State-dict keys of δ and s of the named layers (a layer that is the model itself has name '')."""
+    return {f"{name}.{key}" if name else key for name in layer_names for key in _FROD_KEYS}
+
+
 def frod_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """{name: tensor} of every FRoD ``delta``/``sparse_values`` and every other trainable parameter."""
     frod_ids = {
@@ -74,7 +79,7 @@ def load_frod_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     layers = frod_layers(model)
     if not layers:
         raise ValueError("the model has no FRoD layers (call apply_frod first)")
-    frod_keys = {f"{name}.{key}" for name in layers for key in _FROD_KEYS}
+    frod_keys = _frod_keys(layers)
     missing = sorted(k for k in frod_keys if k not in state_dict)
     if missing:
         raise ValueError(f"adapter lacks {len(missing)} FRoD tensors, e.g. {missing[:3]}")
@@ -179,7 +184,7 @@ def save_frod(model: nn.Module, path: str | os.PathLike) -> None:
 
     tensors = {k: v.contiguous() for k, v in frod_state_dict(model).items()}
     cats = _describe(model)
-    frod_keys = {f"{name}.{key}" for c in cats.values() for name in c["layers"] for key in _FROD_KEYS}
+    frod_keys = _frod_keys(name for c in cats.values() for name in c["layers"])
     configs = [c.to_dict() for c in getattr(model, "frod_configs", [])]
     metadata = {
         "format": _FORMAT, "version": _VERSION, "categories": json.dumps(cats),
@@ -279,7 +284,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[st
             raise ValueError(
                 f"{directory}: {CONFIG_FILE} and {ADAPTER_FILE} describe different adapters (copied from two saves?)"
             )
-    frod_keys = {f"{name}.{key}" for c in cats.values() for name in c["layers"] for key in _FROD_KEYS}
+    frod_keys = _frod_keys(name for c in cats.values() for name in c["layers"])
     undeclared = sorted(set(tensors) - frod_keys - set(extra))
     if undeclared:
         raise ValueError(f"{path} holds tensors its metadata does not declare, e.g. {undeclared[0]!r}")

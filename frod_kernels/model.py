@@ -543,6 +543,9 @@ def _missing_layers_message(cat: str, missing: list[str], names: list[str]) -> s
     model, or the other way round."""
     head = f"category {cat!r}: {len(missing)} adapter layer(s) not in the model, e.g. {missing[0]!r}"
     first = missing[0]
+    if not first:
+        return (f"{head}: the adapter was saved from a FRoDLinear itself, which cannot replace the model in place; "
+                f"build the layer with FRoDLinear.from_linear and load the adapter into it")
     for name in sorted(names, key=len, reverse=True):
         if name.endswith("." + first):
             prefix = name[: -len(first)]

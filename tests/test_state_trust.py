@@ -551,3 +551,19 @@ def test_prefix_mismatch_is_named(tmp_path):
                                          r"model\.get_submodule\('backbone'\)"):
         fk.load_frod(_Wrapper(), path)
     _close(fk.load_frod(_Wrapper().backbone, path)(X), bare(X))
+
+
+def test_a_single_layer_adapter(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Linear(IN, 7)
+    layer = fk.FRoDLinear.from_linear(base, sparse_rate=0.2, seed=4)
+    randomise_frod(layer, 0.3)
+    path = tmp_path / "a.safetensors"
+    fk.save_frod(layer, path)
+    again = fk.FRoDLinear.from_linear(base, sparse_rate=0.2, seed=4)
+    _close(fk.load_frod(again, path)(X), layer(X))
+    with pytest.raises(ValueError, match="saved from a FRoDLinear itself"):
+        fk.load_frod(nn.Linear(IN, 7), path)
+    holder = nn.ModuleDict({"lin": base})  # a bare model holding the same base layer
+    with pytest.raises(ValueError, match="saved from a FRoDLinear itself"):
+        fk.load_frod(holder, path)
