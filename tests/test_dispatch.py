@@ -249,3 +249,19 @@ def test_self_check_passes_on_working_kernels(clean_routing, monkeypatch):
         warnings.simplefilter("error")
         assert self_check.triton_ok(CPU, torch.float32)
         assert self_check.triton_ok(CPU, torch.float16)
+    # TF32 runs other float32 kernels: switching it on asks for a check of its own.
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(torch.backends, "fp32_precision")  # torch ≥ 2.9
+    before = matmul.fp32_precision if new_api else matmul.allow_tf32
+    try:
+        if new_api:
+            matmul.fp32_precision = "tf32"
+        else:
+            matmul.allow_tf32 = True
+        assert self_check.triton_ok(CPU, torch.float32)
+    finally:
+        if new_api:
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = before
+    assert [c[1] for c in checks] == [torch.float64, torch.float32, torch.float16, torch.float32]

@@ -1,7 +1,8 @@
 """First-use self-check of the Triton kernels on a GPU: never train silently on wrong numbers.
 
-The first time the Triton backend is asked to run on a (device, dtype), one small call of each
-Triton primitive is compared with the PyTorch backend on the same inputs upcast to float64:
+The first time the Triton backend is asked to run on a (device, dtype) (for float32: and TF32
+setting), one small call of each Triton primitive is compared with the PyTorch backend on the
+same inputs upcast to float64:
 
     dual_matmul   Y = A1·B1ᵀ + A2·B2ᵀ + b   (R, C) = (37, 45), K1 = 40, K2 = 24, A1 a transposed view
     dual_matmul   Y = A1·B1ᵀ                 (the plain GEMM; also what the weight path launches)
@@ -45,7 +46,7 @@ _TOL = {
 _TF32_TOL = 4e-3
 
 _lock = threading.Lock()
-_results: dict[tuple[torch.device, torch.dtype], bool] = {}
+_results: dict[tuple[torch.device, torch.dtype, str], bool] = {}
 _failed_devices: set[torch.device] = set()
 
 
@@ -62,7 +63,10 @@ def triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
         return True
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (device, dtype)
+    from .triton_backend import _input_precision
+
+    # float32 runs other kernels with TF32 on than off: each precision gets its own check.
+    key = (device, dtype, _input_precision(dtype))
     if key in _results:
         return _results[key]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
