@@ -155,6 +155,8 @@ class FRoDLinear(nn.Module):
         self.in_features, self.out_features, self.mode = n, o, mode
         self.backend, self.path = backend, path
         self.merged = False
+        self.cache_weight = True
+        self._weight_cache: tuple[tuple, torch.Tensor] | None = None
         self.base_class: type[nn.Module] = nn.Linear
         self._unmerged_weight: torch.Tensor | None = None
         dtype = weight.dtype
@@ -261,9 +263,47 @@ class FRoDLinear(nn.Module):
         base = self._base_weight()
         return (w if base is None else w + base.to(f64)).to(self.U.dtype)
 
+    # -- the W' cache: evaluation of an unmerged layer at the cost of a plain linear ----------------
+    #
+    # Without gradients for δ and s (evaluation, or a frozen adapter), y = x·W'ᵀ + b needs only W',
+    # which changes only when δ, s or the base weight do. W' is built once (as ``merge`` builds it:
+    # float64, rounded once, so cached and merged outputs are identical) and reused while the
+    # version counters and storages of δ, s and W are those it was built from. Every in-place
+    # update through autograd-visible ops (optimizer steps, ``copy_``, ``load_state_dict``) bumps a
+    # version; ``.to()``, merge/unmerge and state-dict loads clear it. Writes through ``.data``
+    # bypass version counters (as they bypass autograd's own checks): call ``clear_weight_cache()``
+    # after them. Memory: one (o, n) tensor per layer, the size of a merged weight, only once an
+    # evaluation call has happened; ``cache_weight = False`` turns it off. Under torch.compile the
+    # cache is not used (the custom op is traced instead).
+
+    def _cache_key(self) -> tuple:
+        base = self._base_weight()
+        tensors = (self.delta, self.sparse_values, self.U, self.basis.V) + (() if base is None else (base,))
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached W' (see above); the next evaluation call builds it again."""
+        self._weight_cache = None
+
+    def _cached_weight(self) -> torch.Tensor:
+        key = self._cache_key()
+        cache = self._weight_cache
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                self._weight_cache = cache = (key, self.effective_weight())
+        return cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
+        params_need_grad = torch.is_grad_enabled() and (self.delta.requires_grad or self.sparse_values.requires_grad)
+        if self.cache_weight and not params_need_grad and not torch.compiler.is_compiling():
+            w = self._cached_weight()
+            if isinstance(x, torch.Tensor) and x.dtype == w.dtype and x.device == w.device and x.dim() > 0 and (
+                x.shape[-1] == self.in_features
+            ):
+                return nn.functional.linear(x, w, self.bias)
+            # anything unusual goes to frod_linear, which names the problem
         return frod_linear(
             x, self._base_weight(), self.bias, self.U, self.basis.V, self._diag(), self.basis.pattern,
             self.sparse_values, backend=self.backend, path=self.path,
@@ -288,6 +328,7 @@ class FRoDLinear(nn.Module):
                               error_msgs):
         merged = self.merged
         self.unmerge()
+        self.clear_weight_cache()
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
         )
@@ -301,6 +342,7 @@ class FRoDLinear(nn.Module):
         # The weight kept for unmerge is a plain attribute: convert it with the module so that
         # .to(device/dtype) while merged does not leave it behind.
         super()._apply(fn, recurse)
+        self.clear_weight_cache()
         if self._unmerged_weight is not None:
             self._unmerged_weight = fn(self._unmerged_weight)
         return self
@@ -316,6 +358,7 @@ class FRoDLinear(nn.Module):
         """
         if self.merged:
             return
+        self.clear_weight_cache()
         w_eff = self.effective_weight()
         if safe and not bool(torch.isfinite(w_eff).all()):
             raise ValueError("merge refused: the merged weight would hold NaN or Inf (check delta and sparse_values)")
@@ -332,6 +375,7 @@ class FRoDLinear(nn.Module):
         """Undo ``merge``: the original weight object's data comes back untouched."""
         if not self.merged:
             return
+        self.clear_weight_cache()
         if self.mode == "factored":
             del self._parameters["weight"]
         else:
