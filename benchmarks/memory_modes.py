@@ -8,7 +8,7 @@ of the encoder (6 categories × 6 layers, ρ = 0.01).
 
 Memory is counted from the tensors, not the process: the bytes of every distinct storage that the
 FRoD layers keep frozen (W in additive mode, U, λ, the bias; per category V and the pattern Ω),
-against the target of FROD.md §6, "base linear weights + V per category" (the bias counted on
+against the target of docs/design.md §6, "base linear weights + V per category" (the bias counted on
 both sides). Error at init: the relative Frobenius error of the last hidden state against the
 base model on a batch of token ids. Speed: median wall time of an inference forward and of a
 training step (forward + backward; full fine-tuning for the base model, δ and s for FRoD) at

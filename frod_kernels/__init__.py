@@ -1,5 +1,5 @@
 """frod_kernels: fused kernels and a drop-in layer for FRoD (full-rank fine-tuning with
-rotational degrees of freedom). See FROD.md for the maths and README.md for usage.
+rotational degrees of freedom). See docs/design.md for the maths and README.md for usage.
 
 Layout: ``decomposition`` (joint basis), ``pattern`` (Ω), ``reference`` (the dense oracle),
 ``backends`` (primitives: PyTorch, Triton), ``dispatch`` (backend/path choice), ``ops`` (custom

@@ -1,4 +1,4 @@
-"""Joint decomposition of a category of weights into a shared basis (FROD.md §2).
+"""Joint decomposition of a category of weights into a shared basis (docs/design.md §2).
 
 For L weights W_i of shape (o, n) it finds one invertible V (n × n) and per layer U_i (o × n, unit
 columns) and λ_i (n) with W_i = U_i·diag(λ_i)·Vᵀ, exactly up to rounding:
@@ -148,7 +148,7 @@ def joint_decompose(
     dtype: torch.dtype | None = None,
     name: str = "",
 ) -> JointBasis:
-    """Decompose L weights (o, n) into W_i = U_i·diag(λ_i)·Vᵀ with one shared V (FROD.md §2).
+    """Decompose L weights (o, n) into W_i = U_i·diag(λ_i)·Vᵀ with one shared V (docs/design.md §2).
 
     Args:
         weights: the category's frozen weights, all (o, n), same device.

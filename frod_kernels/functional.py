@@ -1,8 +1,8 @@
-"""``frod_linear``: the functional FRoD layer, validated and dispatched (FROD.md §3, §5).
+"""``frod_linear``: the functional FRoD layer, validated and dispatched (docs/design.md §3, §5).
 
 This is the public entry point; it applies autocast, checks every input once, flattens x to
 (N, n), resolves the backend and path (``dispatch``) and calls the custom op (``ops``), whose
-registered autograd formula is the backward of FROD.md §4.
+registered autograd formula is the backward of docs/design.md §4.
 
 Autocast: custom ops have no autocast kernel, so ``frod_linear`` does what autocast does for
 ``nn.Linear`` before calling the op: every floating-point input except float64 is cast to the
@@ -124,7 +124,7 @@ def frod_linear(
     grad = torch.is_grad_enabled()
     for name, t in (("weight", weight), ("U", U), ("V", V)):
         if grad and t is not None and t.requires_grad:
-            # FROD.md §4: W, U, V are frozen and get no gradient; fail loudly rather than leave
+            # docs/design.md §4: W, U, V are frozen and get no gradient; fail loudly rather than leave
             # a user who unfroze them with a silent None.
             raise ValueError(f"{name} requires grad, but FRoD keeps W, U and V frozen (set requires_grad_(False))")
     needs_input_grad = grad and x.requires_grad

@@ -1,4 +1,4 @@
-"""``FRoDLinear``: a drop-in ``nn.Linear`` whose weight is W' = W + U·(diag(δ) + S)·Vᵀ (FROD.md §3).
+"""``FRoDLinear``: a drop-in ``nn.Linear`` whose weight is W' = W + U·(diag(δ) + S)·Vᵀ (docs/design.md §3).
 
 Trainable: ``delta`` δ (n) and ``sparse_values`` s (k), both zero at initialisation, so the layer
 computes exactly what the base layer computes. Frozen: the base ``weight`` (and ``bias`` unless the
@@ -10,7 +10,7 @@ Derived tensors (U, λ, V, the pattern) are non-persistent buffers: they are rec
 base weights (bit-identically on the same machine), so neither ``state_dict()`` nor an adapter
 file carries them.
 
-Modes (FROD.md §6): ``additive`` keeps W and adds U·M·Vᵀ; ``factored`` drops W and computes with
+Modes (docs/design.md §6): ``additive`` keeps W and adds U·M·Vᵀ; ``factored`` drops W and computes with
 U·(diag(λ+δ) + S)·Vᵀ, halving the frozen memory at the cost of the decomposition's rounding. δ means
 the same in both modes (λ' = λ + δ), so an adapter trained in one mode loads into the other. An
 unmerged factored layer stores no weight; its ``weight`` attribute is a ``FactoredWeight`` that
@@ -205,7 +205,7 @@ class FRoDLinear(nn.Module):
                 layer decomposes its own weight (L = 1: U = Q, V = Rᵀ, λ = 1).
             shared: a ``FRoDBasis`` already built for the category (``apply_frod`` passes one so
                 that V and the pattern are stored once); its V is used and ``basis[1]`` ignored.
-            sparse_rate, seed: the pattern Ω (FROD.md §3), ignored when ``shared`` is given.
+            sparse_rate, seed: the pattern Ω (docs/design.md §3), ignored when ``shared`` is given.
             param_dtype: dtype of δ and s (default: the weight's; float32 masters for a bf16 model).
         """
         if not isinstance(linear, nn.Linear):
@@ -402,7 +402,7 @@ class FRoDLinear(nn.Module):
         return lin
 
     def num_trainable(self) -> int:
-        """n + k, FROD.md §3."""
+        """n + k, docs/design.md §3."""
         return self.in_features + self.k
 
     def extra_repr(self) -> str:

@@ -1,7 +1,7 @@
 """Putting FRoD into a model: find the targets, group them into categories, decompose, replace.
 
 A category is the set of layers with the same full module path once the layer index is removed
-(FROD.md §7): ``encoder.layer.3.attention.self.query`` belongs to
+(docs/design.md §7): ``encoder.layer.3.attention.self.query`` belongs to
 ``encoder.layer.*.attention.self.query``, so encoder/decoder or text/vision towers stay apart.
 Each category gets one joint decomposition (one shared V) and one sparse pattern Ω, drawn from a
 seed derived from the user's seed and the category name.
@@ -365,8 +365,8 @@ def apply_frod(
         target_modules: a regex (full match on the module name) or a list of name suffixes, or a
             ``FRoDConfig`` (then its fields replace sparse_rate, seed, reg, mode, modules_to_save).
             A module reachable under several names is matched by any of them and replaced under all.
-        sparse_rate: ρ in (0, 1) or 0; seed: base seed of the patterns; reg: α of FROD.md §2.
-        mode: 'additive' (keep W) or 'factored' (drop W, FROD.md §6).
+        sparse_rate: ρ in (0, 1) or 0; seed: base seed of the patterns; reg: α of docs/design.md §2.
+        mode: 'additive' (keep W) or 'factored' (drop W, docs/design.md §6).
         param_dtype: dtype of δ and s (default: each weight's dtype).
         modules_to_save: name suffixes of modules (a task head) that stay trainable; ``save_frod``
             saves them and ``load_frod`` restores them.
@@ -597,7 +597,7 @@ def frod_param_groups(
     model: nn.Module, lr_delta: float = 5e-4, lr_sparse: float = 5e-5, lr_other: float | None = None,
     weight_decay: float = 0.0,
 ) -> list[dict]:
-    """Optimizer groups with the two learning rates of FROD.md §7 (δ: lr_delta, s: lr_sparse).
+    """Optimizer groups with the two learning rates of docs/design.md §7 (δ: lr_delta, s: lr_sparse).
 
     Other trainable parameters (a task head, an unfrozen bias) form a third group, with
     ``lr_other`` if given, else the optimizer's default.

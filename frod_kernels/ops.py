@@ -1,6 +1,6 @@
 r"""The FRoD layer as two custom ops with one autograd formula: the package's autograd boundary.
 
-Forward (FROD.md §3), for X (N, n), M = diag(d) + S:
+Forward (docs/design.md §3), for X (N, n), M = diag(d) + S:
 
     Y = X·W'ᵀ + b,   W' = W + U·M·Vᵀ          (W absent in factored mode: W' = U·M·Vᵀ)
 

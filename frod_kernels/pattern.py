@@ -1,4 +1,4 @@
-"""The sparse rotation pattern Ω of FROD.md §3 and its CSR/CSC views.
+"""The sparse rotation pattern Ω of docs/design.md §3 and its CSR/CSC views.
 
 Ω = {(r_j, c_j)}, j = 1…k, is a set of off-diagonal positions of an n × n matrix, drawn uniformly
 without replacement, k = floor(ρ·n²) capped at n(n−1), stored sorted row-major as an int64

@@ -1,4 +1,4 @@
-"""The plain dense FRoD layer of FROD.md §3: the oracle for every correctness check.
+"""The plain dense FRoD layer of docs/design.md §3: the oracle for every correctness check.
 
     M  = diag(δ) + S,  S[r_j, c_j] = s_j
     W' = W + U · M · Vᵀ            (W is None in factored mode: W' = U · M · Vᵀ, δ then holds λ+δ)

@@ -24,7 +24,7 @@ def test_reconstruction_and_invariants(L, o, n):
         assert err < 1e-10 and b.errors[i] < 1e-10
         assert b.U[i].shape == (o, n)
         torch.testing.assert_close(b.U[i].norm(dim=0), torch.ones(n, dtype=torch.float64))
-    # FROD.md §7: Σ_i B_iᵀ B_i = I, hence Σ_i λ_i² = 1 for every column.
+    # docs/design.md §7: Σ_i B_iᵀ B_i = I, hence Σ_i λ_i² = 1 for every column.
     torch.testing.assert_close(sum(lam**2 for lam in b.lam), torch.ones(n, dtype=torch.float64))
     gram_b = sum((u * lam).mT @ (u * lam) for u, lam in zip(b.U, b.lam, strict=True))
     torch.testing.assert_close(gram_b, torch.eye(n, dtype=torch.float64), atol=1e-10, rtol=0)

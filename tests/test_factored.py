@@ -1,4 +1,4 @@
-"""Factored mode (FROD.md §6): W is dropped and the layer computes with U·(diag(λ+δ) + S)·Vᵀ.
+"""Factored mode (docs/design.md §6): W is dropped and the layer computes with U·(diag(λ+δ) + S)·Vᵀ.
 
 Checked here at the layer level: the maths against the reference, the agreement with additive
 mode for the same δ and s (δ means the same in both), the frozen memory, the ``weight`` stand-in,

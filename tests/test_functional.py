@@ -1,4 +1,4 @@
-"""frod_linear (both paths, both backends) against the dense reference of FROD.md §3."""
+"""frod_linear (both paths, both backends) against the dense reference of docs/design.md §3."""
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """apply_frod on transformers models (BERT, Llama, CLIP, GPT-2 with Conv1D) in both modes.
 
 Tiny configs with random weights: exact at init (additive bit-exact, factored up to the
-decomposition's rounding), trainable count Σ_layers (n + floor(ρ n²)) (FROD.md §3), a few
+decomposition's rounding), trainable count Σ_layers (n + floor(ρ n²)) (docs/design.md §3), a few
 training steps, merge/unmerge/unload, save/load and the cross-mode adapter round trip, and
 training with ``gradient_checkpointing_enable()``.
 """

@@ -44,7 +44,7 @@ def test_apply_frod_on_transformers(builder, targets, n_categories):
 
     layers = fk.frod_layers(model)
     assert len(summary.categories) == n_categories and summary.layers == len(layers)
-    # FROD.md §3: n + floor(ρ n²) per layer, independent of o.
+    # docs/design.md §3: n + floor(ρ n²) per layer, independent of o.
     expected = sum(linears[name][1] + num_sparse_entries(linears[name][1], 0.05) for name in layers)
     assert summary.trainable == expected
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected

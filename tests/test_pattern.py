@@ -36,7 +36,7 @@ def test_pattern_known_values_are_stable():
 
 
 def test_k_formula_matches_frod_md():
-    # FROD.md §7: CLIP ViT-B/32, q,k,v,out (768x768), fc1 (n=768), fc2 (n=3072), 12 layers, ρ = 0.01.
+    # docs/design.md §7: CLIP ViT-B/32, q,k,v,out (768x768), fc1 (n=768), fc2 (n=3072), 12 layers, ρ = 0.01.
     per_layer = {768: 768 + num_sparse_entries(768, 0.01), 3072: 3072 + num_sparse_entries(3072, 0.01)}
     assert per_layer[768] == 6666
     assert 12 * (5 * per_layer[768] + per_layer[3072]) == 1_569_276
