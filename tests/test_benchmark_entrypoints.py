@@ -68,6 +68,7 @@ def test_memorise(tmp_path):
     assert [r["lr"] for r in result["sweep"]["full"]] == [1e-3, 3e-3]
     assert [r["lr"] for r in result["sweep"]["frod"]] == list(memorise.LR_GRID["frod"])
     m = result["methods"]
+    assert result["head_lr"] == m["head"]["lr"] and list(m)[0] == "head"  # head first: its lr is every head's
     head = m["head"]["trainable"]
     assert m["lora_4x"]["trainable"] - head == 4 * (m["lora"]["trainable"] - head)
     assert m["frod"]["trainable"] < m["frod_rho0.04"]["trainable"] < m["full"]["trainable"]
