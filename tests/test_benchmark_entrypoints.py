@@ -61,14 +61,16 @@ def test_convergence(tmp_path, capsys):
 def test_memorise(tmp_path):
     pytest.importorskip("transformers")
     png = tmp_path / "memorise.png"
-    result = _run_cli(tmp_path, "memorise", "--plot", str(png), "--lr", "full=1e-3,3e-3", before=True)
+    methods = ["full", *(m for m in memorise.METHODS if m != "full")]  # head not first: the run reorders
+    result = _run_cli(tmp_path, "memorise", "--plot", str(png), "--lr", "full=1e-3,3e-3", "--methods", *methods,
+                      before=True)
     expected = set(memorise.METHODS) - set(result["skipped"])
     assert set(result["methods"]) == expected and expected >= {"head", "frod", "lora", "lora_4x", "full"}
     assert ("peft_frod" in result["skipped"]) != peft_available()
     assert [r["lr"] for r in result["sweep"]["full"]] == [1e-3, 3e-3]
     assert [r["lr"] for r in result["sweep"]["frod"]] == list(memorise.LR_GRID["frod"])
     m = result["methods"]
-    assert result["head_lr"] == m["head"]["lr"] and list(m)[0] == "head"  # head first: its lr is every head's
+    assert result["head_lr"] == m["head"]["lr"] and next(iter(m)) == "head"  # head runs first: its lr is every head's
     head = m["head"]["trainable"]
     assert m["lora_4x"]["trainable"] - head == 4 * (m["lora"]["trainable"] - head)
     assert m["frod"]["trainable"] < m["frod_rho0.04"]["trainable"] < m["full"]["trainable"]
