@@ -249,25 +249,34 @@ class FRoDLinear(nn.Module):
         """The diagonal of M as the kernels see it: δ, or λ+δ in factored mode."""
         return self.delta if self.mode == "additive" else self.lam + self.delta
 
+    def _accumulation_dtype(self) -> torch.dtype:
+        """float64 for W' and ΔW, except on accelerators with lower-precision weights: there float64
+        runs at a small fraction of float32's rate (1/64 on consumer GPUs), so float32 is used."""
+        if self.U.device.type != "cpu" and self.U.dtype != torch.float64:
+            return torch.float32
+        return torch.float64
+
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = U·(diag(δ)+S)·Vᵀ (o, n), formed in float64 and rounded once to the weight dtype."""
-        f64 = torch.float64
-        m = rotation_matrix(self.delta.to(f64), self.basis.indices, self.sparse_values.to(f64))
-        return (self.U.to(f64) @ m @ self.basis.V.to(f64).mT).to(self.U.dtype)
+        """ΔW = U·(diag(δ)+S)·Vᵀ (o, n), formed in float64 (float32 on a GPU for non-float64
+        weights) and rounded once to the weight dtype."""
+        acc = self._accumulation_dtype()
+        m = rotation_matrix(self.delta.to(acc), self.basis.indices, self.sparse_values.to(acc))
+        return (self.U.to(acc) @ m @ self.basis.V.to(acc).mT).to(self.U.dtype)
 
     def effective_weight(self) -> torch.Tensor:
-        """W' = W + ΔW (additive) or U·(diag(λ+δ)+S)·Vᵀ (factored), in float64 then rounded once."""
-        f64 = torch.float64
-        m = rotation_matrix(self._diag().to(f64), self.basis.indices, self.sparse_values.to(f64))
-        w = self.U.to(f64) @ m @ self.basis.V.to(f64).mT
+        """W' = W + ΔW (additive) or U·(diag(λ+δ)+S)·Vᵀ (factored), formed as ``delta_weight`` is
+        and rounded once."""
+        acc = self._accumulation_dtype()
+        m = rotation_matrix(self._diag().to(acc), self.basis.indices, self.sparse_values.to(acc))
+        w = self.U.to(acc) @ m @ self.basis.V.to(acc).mT
         base = self._base_weight()
-        return (w if base is None else w + base.to(f64)).to(self.U.dtype)
+        return (w if base is None else w + base.to(acc)).to(self.U.dtype)
 
     # -- the W' cache: evaluation of an unmerged layer at the cost of a plain linear ----------------
     #
     # Without gradients for δ and s (evaluation, or a frozen adapter), y = x·W'ᵀ + b needs only W',
     # which changes only when δ, s or the base weight do. W' is built once (as ``merge`` builds it:
-    # float64, rounded once, so cached and merged outputs are identical) and reused while the
+    # ``effective_weight``, rounded once, so cached and merged outputs are identical) and reused while the
     # version counters and storages of δ, s and W are those it was built from. Every in-place
     # update through autograd-visible ops (optimizer steps, ``copy_``, ``load_state_dict``) bumps a
     # version; ``.to()``, merge/unmerge and state-dict loads clear it. Writes through ``.data``

@@ -120,3 +120,10 @@ def test_compiled_model_does_not_use_the_cache():
         y = compiled(X)
     torch.testing.assert_close(y, _expected(layer), rtol=1e-5, atol=1e-5)
     assert layer._weight_cache is None
+
+
+def test_accumulation_dtype():
+    layer = _layer()
+    assert layer._accumulation_dtype() == torch.float64  # CPU: float64, rounded once
+    assert layer.to("meta")._accumulation_dtype() == torch.float32  # accelerators: float32 (fp64 is slow there)
+    assert _layer().double().to("meta")._accumulation_dtype() == torch.float64
