@@ -116,7 +116,8 @@ def _config(
 # shared memory and ptxas allocated it without spills, with a margin below 255 registers where
 # the choice allowed. Families: "16bit" (bf16/fp16, tensor cores), "tf32" (fp32 on tensor
 # cores), "fp32" (IEEE fp32: FMA dots, which hold their operand fragments in registers, so large
-# tiles need a short BLOCK_K: 128×128×32 spilled on both tiers, 128×128×8 only on sm_80), "fp64"
+# tiles need a short BLOCK_K: 128×128×32 spilled on both tiers, 128×128×8 only on sm_80, and the
+# full compile run dropped 128×64×16 on sm_90 and 64×64×8 on sm_80 for 8-48 B spills), "fp64"
 # (FMA on sm_90, DMMA on sm_80; 8-byte operands; 128×128×32 spilled 12 KB, and with a bias ptxas
 # fell back to 32 registers and a 72 KB spill). Tiers: "sm90" (Hopper and later, 227 KiB per
 # block), "sm80" (A100: 163 KiB; mma.sync keeps more in registers than wgmma, so 128×256 tiles
@@ -152,7 +153,6 @@ _DUAL_TABLE: dict[tuple[str, str], list[triton.Config]] = {
     ],
     ("fp32", "sm90"): [
         _config(128, 128, 8, stages=3, warps=8),
-        _config(128, 64, 16, stages=3, warps=8),
         _config(64, 64, 32, stages=4, warps=4),
         _config(64, 64, 16, stages=3, warps=8),
         _config(32, 64, 16, stages=3, warps=4),
@@ -161,7 +161,6 @@ _DUAL_TABLE: dict[tuple[str, str], list[triton.Config]] = {
         _config(128, 64, 16, stages=3, warps=8),
         _config(64, 128, 16, stages=3, warps=8),
         _config(64, 64, 16, stages=3, warps=8),
-        _config(64, 64, 8, stages=4, warps=4),
         _config(32, 64, 16, stages=3, warps=4),
     ],
     ("fp64", "sm90"): [
@@ -189,9 +188,16 @@ _DUAL_TABLE_UNALIGNED: dict[tuple[str, str], list[triton.Config]] = {
         _config(64, 128, 32, stages=4, warps=8),
         _config(64, 64, 16, stages=3, warps=8),
     ],
-    ("fp32", "sm90"): [
+    ("tf32", "sm80"): [
+        _config(128, 64, 16, stages=4, warps=8),  # 128×64×32 spilled 16 B on one specialisation
+        _config(64, 128, 32, stages=4, warps=8),
         _config(64, 64, 16, stages=3, warps=8),
-        _config(64, 32, 16, stages=3, warps=4),
+    ],
+    # IEEE fp32 without alignment: 64×64×16 and 64×32×16 spilled 8-24 B on some specialisations
+    # (ptxas held them to 80-96 registers); these did not on any.
+    ("fp32", "sm90"): [
+        _config(64, 32, 8, stages=3, warps=4),
+        _config(32, 64, 8, stages=3, warps=4),
         _config(32, 32, 16, stages=3, warps=4),
     ],
     ("fp64", "sm90"): [
@@ -200,8 +206,8 @@ _DUAL_TABLE_UNALIGNED: dict[tuple[str, str], list[triton.Config]] = {
         _config(32, 32, 16, stages=3, warps=4),
     ],
 }
-# These tiles compiled spill-free for sm_80 as well (at most 178 registers), so both tiers share them.
-for _family_name in ("16bit", "tf32", "fp32", "fp64"):
+# The rest compiled spill-free for sm_80 as well, so those tiers share them.
+for _family_name in ("16bit", "fp32", "fp64"):
     _DUAL_TABLE_UNALIGNED[_family_name, "sm80"] = _DUAL_TABLE_UNALIGNED[_family_name, "sm90"]
 
 # Shared memory per block (opt-in maximum) of the tiers' reference GPUs, in bytes.
