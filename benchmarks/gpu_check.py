@@ -95,10 +95,6 @@ def _model_timing(device: torch.device, tiny: bool) -> dict:
     methods = ["frod", "full", "lora_r8"]
     if importlib.util.find_spec("peft") is not None:
         methods.insert(0, "peft_frod")
-    # peft_bench builds every method but "peft_*" through convergence._prepare, which knows
-    # "lora_r8"; its METHODS check just predates it.
-    if "lora_r8" not in peft_bench.METHODS:
-        peft_bench.METHODS = (*peft_bench.METHODS, "lora_r8")
     try:
         return peft_bench.run_peft_bench(device, tiny=tiny, methods=methods, show_progress=True)
     except Exception as exc:  # e.g. the MiniLM package missing: report it, keep the rest of the run

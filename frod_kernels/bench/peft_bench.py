@@ -45,7 +45,7 @@ from .timing import Progress, Timed, summarize, time_interleaved
 
 __all__ = ["METHODS", "format_report", "run_peft_bench"]
 
-METHODS = ("peft_frod", "peft_frod_accelerated", "frod", "lora", "full")
+METHODS = ("peft_frod", "peft_frod_accelerated", "frod", "lora", "lora_r8", "full")
 
 
 def _encoder_factory(tiny: bool) -> tuple[Callable[[], nn.Module], int, int]:
