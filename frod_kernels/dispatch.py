@@ -1,6 +1,6 @@
 """Dispatch: which backend runs the primitives and which path (token or weight space) a call takes.
 
-The only place that decides. The cost model counts multiply-adds as in FROD.md §5 with d ≈ n ≈ o:
+The only place that decides. The cost model counts multiply-adds as in docs/design.md §5 with d ≈ n ≈ o:
 
     token  fwd  N·n·n (Z = XV) + N·o·n (XWᵀ, additive mode) + N·o·n (A·Uᵀ) + c·N·(n+k)
                 (no gradients: c·n·(n+k) for the fold V·Mᵀ instead of c·N·(n+k))

@@ -12,7 +12,7 @@ from frod_kernels.bench import validate
 from frod_kernels.bench.timing import load_warning
 from frod_kernels.cli import _parser
 
-SUBCOMMANDS = ["bench", "decompose", "convergence", "memorise"]
+SUBCOMMANDS = ["bench", "decompose", "convergence", "memorise", "peft"]
 # (argv of the option, attribute, value it sets, default)
 OPTIONS = [
     (["--device", "cpu"], "device", "cpu", None),

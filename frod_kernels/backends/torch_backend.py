@@ -1,6 +1,6 @@
 """PyTorch implementations of the FRoD primitives (any device, any float dtype).
 
-Every FRoD layer computation (FROD.md §5) is written with three primitives; each backend module
+Every FRoD layer computation (docs/design.md §5) is written with three primitives; each backend module
 (this one, ``triton_backend``) implements all three with the same signature and semantics:
 
 ``dual_matmul(a1, b1, a2, b2, bias)``  → a1·b1ᵀ (+ a2·b2ᵀ) (+ bias), shape (R, C)

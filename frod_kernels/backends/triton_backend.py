@@ -3,7 +3,7 @@
 ``dual_matmul(a1, b1, a2, b2, bias)``  → a1·b1ᵀ (+ a2·b2ᵀ) (+ bias), shape (R, C)
     a1 (R, K1), b1 (C, K1), a2 (R, K2), b2 (C, K2), bias (C,); any strides, K1 ≠ K2 allowed.
     One tiled GEMM kernel accumulates both products into the same output tile and adds the
-    bias in its epilogue, so the token-space forward Y = X·Wᵀ + (X·V_M)·Uᵀ + b (FROD.md §5)
+    bias in its epilogue, so the token-space forward Y = X·Wᵀ + (X·V_M)·Uᵀ + b (docs/design.md §5)
     writes Y once.
 
 ``m_matmul(b, diag, values, pattern, transpose)`` → M·b, or Mᵀ·b if ``transpose``; shape (n, R)

@@ -2,7 +2,7 @@
 
 All of them map x (..., n) to y (..., o); "trainable" is what an optimiser would update.
 
-``dense_linear(n, o)``      y = x·Wᵀ + b, W (o, n) trainable: the speed floor of FROD.md §5.
+``dense_linear(n, o)``      y = x·Wᵀ + b, W (o, n) trainable: the speed floor of docs/design.md §5.
 ``LoRALinear``              y = x·Wᵀ + b + (α/r)·(x·Aᵀ)·Bᵀ, A (r, n), B (o, r) trainable, B = 0 at init.
 ``PublishedFRoDLinear``     the FRoD layer computed the way the published code does it (additive form):
                             Z = x·V;  y = x·Wᵀ + b + (Z·diag(δ) + (S·Zᵀ)ᵀ)·Uᵀ with S rebuilt every call
@@ -166,7 +166,7 @@ def peft_frod_layer(linear: nn.Linear, sparse_rate: float = 0.01, seed: int = 0)
 def published_joint_decompose(
     weights: Sequence[torch.Tensor], reg: float = 1e-3, dtype: torch.dtype = torch.float32
 ) -> JointBasis:
-    """The published decomposition route (FROD.md §8), for the decomposition benchmark.
+    """The published decomposition route (docs/design.md §8), for the decomposition benchmark.
 
     In ``dtype`` (float32 as published; float64 to compare at our precision):
     stacked QR [W_1; …; W_L] = Q·R (Q: L·o × n, materialised), T = (1/L) Σ inv(Q_iᵀQ_i + αI)

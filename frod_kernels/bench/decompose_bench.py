@@ -1,4 +1,4 @@
-"""Joint decomposition (FROD.md §2) against the published route, on realistic categories.
+"""Joint decomposition (docs/design.md §2) against the published route, on realistic categories.
 
 Ours: float64 Gram sum + Cholesky, triangular solves, Cholesky-based inverses (``joint_decompose``).
 Published: float32 stacked QR of [W_1; …; W_L], explicit inverses, inv(V) with a pinv fallback

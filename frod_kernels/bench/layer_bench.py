@@ -1,4 +1,4 @@
-"""One layer, forward + backward, FRoD against the baselines (FROD.md §5).
+"""One layer, forward + backward, FRoD against the baselines (docs/design.md §5).
 
 A case is (d, N, ρ, dtype, device): a random ``nn.Linear(d, d)`` (bias included), N rows of x
 (requiring grad) and a fixed non-zero upstream gradient dY. Every method computes y = layer(x)

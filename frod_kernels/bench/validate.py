@@ -1,4 +1,4 @@
-"""Validate every available backend × path against the float64 reference (FROD.md §3-§4).
+"""Validate every available backend × path against the float64 reference (docs/design.md §3-§4).
 
 For one problem (x, W, b, U, V, δ, Ω, s; δ and s non-zero) and upstream gradient dY, each tensor
 T ∈ {y, dx, dδ, ds, db} is compared with the float64 reference by its relative error
