@@ -30,7 +30,7 @@ from .config import FRoDConfig
 from .decomposition import ALGORITHM_VERSION
 from .fingerprint import weight_fingerprint
 from .layer import MODES, FRoDBasis, FRoDLinear
-from .model import CategorySpec, ModelTransaction, apply_categories, frod_categories, frod_layers
+from .model import CategorySpec, ModelTransaction, apply_categories, frod_categories, frod_layers, frod_param_ids
 from .pattern import sample_sparse_pattern
 
 __all__ = ["frod_state_dict", "load_frod", "load_frod_state_dict", "save_frod"]
@@ -55,9 +55,7 @@ def _frod_keys(layer_names) -> set[str]:
 
 def frod_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """{name: tensor} of every FRoD ``delta``/``sparse_values`` and every other trainable parameter."""
-    frod_ids = {
-        id(p) for layer in frod_layers(model).values() for p in (layer.delta, layer.sparse_values)
-    }
+    frod_ids = frod_param_ids(model)
     if not frod_ids:
         raise ValueError("the model has no FRoD layers (call apply_frod first)")
     return {
@@ -185,17 +183,19 @@ def save_frod(model: nn.Module, path: str | os.PathLike) -> None:
     tensors = {k: v.contiguous() for k, v in frod_state_dict(model).items()}
     cats = _describe(model)
     frod_keys = _frod_keys(name for c in cats.values() for name in c["layers"])
-    configs = [c.to_dict() for c in getattr(model, "frod_configs", [])]
-    metadata = {
-        "format": _FORMAT, "version": _VERSION, "categories": json.dumps(cats),
-        "extra": json.dumps(sorted(k for k in tensors if k not in frod_keys)), "configs": json.dumps(configs),
+    description = {
+        "format": _FORMAT, "version": _VERSION, "categories": cats,
+        "extra": sorted(k for k in tensors if k not in frod_keys),
+        "configs": [c.to_dict() for c in getattr(model, "frod_configs", [])],
     }
+    # safetensors metadata is str -> str: the JSON parts are stored as JSON text.
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in description.items()}
     if _is_directory_target(path):
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
         _write_atomically(directory / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-        config = {key: metadata[key] if key in ("format", "version") else json.loads(metadata[key]) for key in metadata}
-        _write_atomically(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+        config_text = json.dumps(description, indent=2) + "\n"
+        _write_atomically(directory / CONFIG_FILE, lambda tmp: tmp.write_text(config_text))
     else:
         _write_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -384,7 +384,8 @@ def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None
                 for name, cat in cats.items()
             }
             apply_categories(model, specs, {name: cat["fingerprint"] for name, cat in cats.items()}, tx)
-        _check_against_model(path, _describe(model), cats)
+        else:  # a model built from the file's own categories matches them by construction
+            _check_against_model(path, _describe(model), cats)
         params = dict(model.named_parameters())
         frod_weights = {id(layer.weight) for layer in frod_layers(model).values()}
         for key in extra:

@@ -44,6 +44,7 @@ __all__ = [
     "category_name",
     "frod_categories",
     "frod_layers",
+    "frod_param_ids",
     "frod_param_groups",
     "merge_frod",
     "print_trainable_parameters",
@@ -206,20 +207,24 @@ def _modules_with_all_names(model: nn.Module) -> list[_Target]:
     return list(found.values())
 
 
+def _check_replaceable(target: _Target) -> None:
+    """Raise unless ``target`` is an ``nn.Linear`` or transformers ``Conv1D`` (not yet FRoD)."""
+    if isinstance(target.module, FRoDLinear):
+        raise ValueError(f"module {target.name!r} is already a FRoDLinear (apply_frod was applied before)")
+    conv1d = _conv1d_class()
+    if type(target.module) is not nn.Linear and (conv1d is None or type(target.module) is not conv1d):
+        raise TypeError(
+            f"target {target.name!r} is a {type(target.module).__name__}, not an nn.Linear or transformers Conv1D"
+        )
+
+
 def _find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[_Target]:
     matches = _matcher(target_modules)
-    conv1d = _conv1d_class()
     targets = []
     for target in _modules_with_all_names(model):
-        if not any(matches(name) for name in target.aliases):
-            continue
-        if isinstance(target.module, FRoDLinear):
-            raise ValueError(f"module {target.name!r} is already a FRoDLinear (apply_frod was applied before)")
-        if type(target.module) is not nn.Linear and (conv1d is None or type(target.module) is not conv1d):
-            raise TypeError(
-                f"target {target.name!r} is a {type(target.module).__name__}, not an nn.Linear or transformers Conv1D"
-            )
-        targets.append(target)
+        if any(matches(name) for name in target.aliases):
+            _check_replaceable(target)
+            targets.append(target)
     if not targets:
         raise ValueError(f"target_modules {target_modules!r} matched no module of the model")
     return targets
@@ -341,7 +346,8 @@ def _freeze_all_but_frod(model: nn.Module, keep: set[int]) -> None:
             p.requires_grad_(False)
 
 
-def _frod_param_ids(model: nn.Module) -> set[int]:
+def frod_param_ids(model: nn.Module) -> set[int]:
+    """ids of every FRoD layer's δ and s."""
     return {id(p) for layer in frod_layers(model).values() for p in (layer.delta, layer.sparse_values)}
 
 
@@ -393,7 +399,7 @@ def apply_frod(
     groups = _group(targets, set(existing))
     _check_category_weights(groups)  # fail before touching the model, not half-way through it
     saved = _find_modules_to_save(model, config.modules_to_save, targets)
-    keep = _frod_param_ids(model)
+    keep = frod_param_ids(model)
     bar = _progress_bar(len(groups), progress)
     try:
         with ModelTransaction(model) as tx:
@@ -420,10 +426,11 @@ def _find_modules_to_save(model: nn.Module, names: Sequence[str], targets: list[
     if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"modules_to_save must be a list of module-name suffixes, got {names!r}")
     target_ids = {id(t.module) for t in targets}
+    modules = _modules_with_all_names(model)
     found = []
     for suffix in names:
-        matched = [t for t in _modules_with_all_names(model)
-                   if any(a == suffix or a.endswith("." + suffix) for a in t.aliases)]
+        matches = _matcher([suffix])
+        matched = [t for t in modules if any(matches(a) for a in t.aliases)]
         if not matched:
             raise ValueError(f"modules_to_save entry {suffix!r} matched no module of the model")
         for t in matched:
@@ -521,8 +528,7 @@ def apply_categories(
             raise ValueError(_missing_layers_message(cat, missing, list(by_name)))
         groups[cat] = [by_name[name] for name in spec.layers]
         for t in groups[cat]:
-            if type(t.module) is not nn.Linear and type(t.module) is not _conv1d_class():
-                raise TypeError(f"layer {t.name!r} is a {type(t.module).__name__}, not an nn.Linear or Conv1D")
+            _check_replaceable(t)
     _check_category_weights(groups)
     computed = {
         cat: weight_fingerprint([_as_linear(t.module).weight for t in members]) for cat, members in groups.items()
@@ -530,7 +536,7 @@ def apply_categories(
     for cat, fp in computed.items():
         if fp != fingerprints[cat]:
             raise ValueError(f"category {cat!r}: the model's base weights differ from those the adapter was trained on")
-    _freeze_all_but_frod(model, _frod_param_ids(model))
+    _freeze_all_but_frod(model, frod_param_ids(model))
     for cat, members in groups.items():
         spec = specs[cat]
         _build_category(tx, cat, members, spec, "auto", "auto", None, fingerprint=computed[cat])
