@@ -7,6 +7,9 @@
     frod-kernels convergence     MiniLM sentiment fine-tuning: FRoD vs LoRA vs full fine-tuning
     frod-kernels memorise        MiniLM memorising random key → label pairs: FRoD vs LoRA vs full vs head only
     frod-kernels peft            MiniLM training step: PEFT's FRoD vs accelerated vs ours vs LoRA vs full
+    frod-kernels model-step      MiniLM training step (with/without gradient accumulation) and unmerged
+                                 evaluation forward: FRoD vs full fine-tuning vs LoRA
+    frod-kernels paths           one layer: the dispatcher's path against every forced path, per shape
 
 Common options (before or after the subcommand): --device, --dtype, --threads, --json PATH, --tiny
 (smallest sizes, for smoke tests), --no-progress, --no-malloc-tuning. The Triton backend is
@@ -89,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     pb.add_argument("--warmup", type=int, default=1)
     pb.add_argument("--repeats", type=int, default=5)
     pb.add_argument("--methods", nargs="+", default=None, help="see frod_kernels.bench.peft_bench.METHODS")
+    ms = sub.add_parser("model-step", parents=[common], help="MiniLM step and eval forward: FRoD vs full vs LoRA")
+    ms.add_argument("--seq-len", type=int, default=128)
+    ms.add_argument("--warmup", type=int, default=1)
+    ms.add_argument("--repeats", type=int, default=5)
+    ms.add_argument("--methods", nargs="+", default=None, help="see frod_kernels.bench.model_step.METHODS")
+    pa = sub.add_parser("paths", parents=[common], help="one layer: chosen path vs every forced path")
+    pa.add_argument("--warmup", type=int, default=2)
+    pa.add_argument("--repeats", type=int, default=5)
     return parser
 
 
@@ -256,6 +267,30 @@ def _peft(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
+def _model_step(args: argparse.Namespace, device: torch.device) -> int:
+    from .bench import model_step
+
+    result = model_step.run_model_step(
+        device=device, tiny=args.tiny, seq_len=args.seq_len, warmup=args.warmup, repeats=args.repeats,
+        methods=args.methods, show_progress=not args.no_progress,
+    )
+    print(model_step.format_report(result))
+    _write_json(args.json, {"machine": args.machine, "command": args.command_line, **result})
+    return 0
+
+
+def _paths(args: argparse.Namespace, device: torch.device) -> int:
+    from .bench import path_bench
+
+    result = path_bench.run_path_bench(
+        device=device, tiny=args.tiny, dtype=getattr(torch, args.dtype), warmup=args.warmup, repeats=args.repeats,
+        show_progress=not args.no_progress,
+    )
+    print(path_bench.format_table(result))
+    _write_json(args.json, {"machine": args.machine, "command": args.command_line, **result})
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``frod-kernels`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -269,5 +304,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if warning:
         print(warning, file=sys.stderr)
     command = {"bench": _bench, "decompose": _decompose, "convergence": _convergence,
-               "memorise": _memorise, "peft": _peft}.get(args.command, _default)
+               "memorise": _memorise, "peft": _peft, "model-step": _model_step,
+               "paths": _paths}.get(args.command, _default)
     return command(args, device)

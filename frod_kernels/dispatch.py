@@ -1,14 +1,34 @@
-"""Dispatch: which backend runs the primitives and which path (token or weight space) a call takes.
+"""Dispatch: which backend runs the primitives and which path a call takes.
 
-The only place that decides. The cost model counts multiply-adds as in docs/design.md §5 with d ≈ n ≈ o:
+The only place that decides. Four ways to compute one call (docs/design.md §5), in units of N·o·n
+for an (o, n) layer and N rows, training with every gradient, sparse work left out:
+
+    path                       cost            what
+    token                      4 + 2n/o        Z = X·V, Y = X·Wᵀ + (M·Z)·Uᵀ; backward through U, M, V
+    weight                     3 + 2n/N        W' = W + (U·M)·Vᵀ, then a dense layer; H = Uᵀ·G (or G·V)
+    weight, W' reused          3 + n/N         W' built by an earlier call with the same δ, s, W
+    basis (additive only)      2 + 2n/o        the token path with W = U·Λ·Vᵀ: U·(Λ + M)·Vᵀ, no X·Wᵀ
+
+``path_costs`` counts the multiply-adds of each (below); ``choose_path`` takes the cheapest of
+those allowed. The basis path changes the numbers by the decomposition's rounding, so it is only
+offered when the caller says it is allowed (``FRoDLinear`` measures that rounding once per layer
+and dtype, ``FRoDLinear.basis_deviation``); W' reuse is the caller's too (``FRoDLinear`` keeps
+the W' a weight-path call built, keyed by the version counters of δ, s and W, and passes the
+share of its cost the next call should be charged: 0 while it is valid, 1/r when each W' has
+served r calls so far, e.g. the micro-batches of gradient accumulation).
+
+Multiply-adds counted, with c the weight of a sparse multiply-add and m = min(o, n):
 
     token  fwd  N·n·n (Z = XV) + N·o·n (XWᵀ, additive mode) + N·o·n (A·Uᵀ) + c·N·(n+k)
                 (no gradients: c·n·(n+k) for the fold V·Mᵀ instead of c·N·(n+k))
-           bwd  N·o·n (P = dY·U) + [N·o·n (dY·W) + N·n·n ((PM)Vᵀ) + c·N·(n+k)  if dX is needed]
-                + c·N·(n+k) (SDDMM)                                          if δ, s need grads
-    weight fwd  o·n·n (ΔW = (UM)Vᵀ) + c·o·(n+k) + N·o·n (Y = XW'ᵀ)
-           bwd  N·o·n (dX = dY·W')                                           if dX is needed
-                + N·o·n (G = dYᵀX) + o·n·n (H = UᵀG) + c·n·(n+k)             if δ, s need grads
+           bwd  N·o·n (P = dY·U)                                              if training
+                + N·o·n (dY·W, additive) + N·n·n ((PM)Vᵀ) + c·N·(n+k)          if dX is needed
+                + c·N·(n+k) (SDDMM)                                           if δ, s need grads
+    basis       the token path's count with W absent (additive = False)
+    weight fwd  share·(o·n·n (ΔW = (UM)Vᵀ) + c·o·(n+k)) + N·o·n (Y = XW'ᵀ)
+           bwd  N·o·n (dX = dY·W')                                            if dX is needed
+                + N·o·n (G = dYᵀX) + o·n·n (H = UᵀG, or GV when o < n) + c·m·(n+k)
+                                                                               if δ, s need grads
 
 c weighs a sparse multiply-add against a dense one (gathers run far below GEMM speed).
 
@@ -53,7 +73,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "torch", "triton")
-PATHS = ("auto", "token", "weight")
+PATHS = ("auto", "token", "weight", "basis")
 
 # Dense-GEMM multiply-adds worth one sparse multiply-add (measured order of magnitude: MKL/cuSPARSE
 # gathers on CPU run ~5-15x below GEMM rate, on GPU tensor cores widen the gap).
@@ -69,36 +89,59 @@ def path_costs(
     needs_input_grad: bool = True,
     needs_param_grad: bool = True,
     device_type: str = "cpu",
+    basis: bool = False,
+    weight_share: float = 1.0,
 ) -> dict[str, float]:
-    """Estimated cost (dense multiply-add units) of one call, forward plus the backward it needs."""
+    """Estimated cost (dense multiply-add units) of one call, forward plus the backward it needs.
+
+    Keys: "token", "weight", and "basis" when ``basis`` is allowed (additive layers only).
+    ``weight_share``: the share of building W' charged to this call (1: built for this call alone,
+    0: reused, 1/r: built once for r calls).
+    """
     big_n, o, n = n_rows, out_features, in_features
     c = _SPARSE_WEIGHT.get(device_type, _SPARSE_WEIGHT["cuda"])
     training = needs_input_grad or needs_param_grad
-    token = big_n * n * n + (1 + additive) * big_n * o * n
-    weight = o * n * n + c * o * (n + k) + big_n * o * n
-    # Without gradients the token path folds M into the basis (V·Mᵀ, n·(n+k) sparse work) instead
-    # of applying it to the N rows of Z.
-    token += c * (big_n if training else n) * (n + k)
-    if training:
-        token += big_n * o * n
-        weight += o * n * n  # W' is kept from the forward, but H = UᵀG is another o·n·n
+
+    def token(with_w: bool) -> float:
+        # Without gradients M is folded into the basis (V·Mᵀ, n·(n+k) sparse work) instead of being
+        # applied to the N rows of Z.
+        cost = big_n * n * n + (1 + with_w) * big_n * o * n + c * (big_n if training else n) * (n + k)
+        if training:
+            cost += big_n * o * n
+        if needs_input_grad:
+            cost += with_w * big_n * o * n + big_n * n * n + c * big_n * (n + k)
+        if needs_param_grad:
+            cost += c * big_n * (n + k)
+        return float(cost)
+
+    weight = weight_share * (o * n * n + c * o * (n + k)) + big_n * o * n
     if needs_input_grad:
-        token += additive * big_n * o * n + big_n * n * n + c * big_n * (n + k)
         weight += big_n * o * n
     if needs_param_grad:
-        token += c * big_n * (n + k)
-        weight += big_n * o * n + c * n * (n + k)
-    return {"token": float(token), "weight": float(weight)}
+        weight += big_n * o * n + o * n * n + c * min(o, n) * (n + k)
+    costs = {"token": token(additive), "weight": float(weight)}
+    if basis and additive:
+        costs["basis"] = token(False)
+    return costs
 
 
 def choose_path(path: str, **shape) -> str:
-    """Resolve ``path`` ('auto' picks the cheaper of ``path_costs(**shape)``)."""
+    """Resolve ``path``: 'auto' picks the cheapest of ``path_costs(**shape)`` (exact paths win ties).
+
+    'basis' is only resolved for an additive call that allows it (``basis=True``).
+    """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "basis" and not (shape.get("basis") and shape.get("additive", True)):
+        raise ValueError("path='basis' needs an additive layer and its λ (lam), and exact computation not asked for")
     if path != "auto":
         return path
     costs = path_costs(**shape)
-    return "token" if costs["token"] <= costs["weight"] else "weight"
+    best = "token"
+    for name in ("weight", "basis"):  # strictly cheaper only: ties stay on the exact paths
+        if name in costs and costs[name] < costs[best]:
+            best = name
+    return best
 
 
 def _triton_usable(device: torch.device) -> bool:

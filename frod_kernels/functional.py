@@ -22,7 +22,7 @@ from . import ops
 from .dispatch import choose_backend, choose_path
 from .pattern import SparsePattern
 
-__all__ = ["frod_linear"]
+__all__ = ["compute_dtype", "frod_linear", "frod_linear_reusing"]
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
@@ -53,6 +53,13 @@ def _autocast_cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
     return t.to(dtype)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``frod_linear`` computes in for input ``x``: the autocast dtype of x's device when
+    autocast is on there and x is not float64, else x's own dtype."""
+    amp_dtype = _autocast_dtype(x.device)
+    return amp_dtype if amp_dtype is not None and x.dtype != torch.float64 else x.dtype
+
+
 def frod_linear(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -64,6 +71,8 @@ def frod_linear(
     sparse_values: torch.Tensor,
     backend: str = "auto",
     path: str = "auto",
+    *,
+    lam: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x·(W + U·M·Vᵀ)ᵀ + b with M = diag(δ) + S, S[r_j, c_j] = s_j.
 
@@ -77,10 +86,47 @@ def frod_linear(
             their own dtype.
         sparse_indices: (2, k) int64 pattern (sorted row-major, off-diagonal), or a prebuilt
             ``SparsePattern`` (FRoDLinear passes one so the CSR/CSC views are not rebuilt).
-        backend: 'auto' | 'torch' | 'triton'.  path: 'auto' | 'token' | 'weight'.
+        backend: 'auto' | 'torch' | 'triton'.  path: 'auto' | 'token' | 'weight' | 'basis'.
+        lam: (n,) λ of the decomposition W = U·diag(λ)·Vᵀ (additive mode only). Given, it allows
+            the basis path, y = x·(U·(diag(λ+δ) + S)·Vᵀ)ᵀ + b: the same function up to the
+            decomposition's rounding in x's dtype, so only pass it where that rounding is
+            acceptable (``FRoDLinear`` measures it); 'auto' then chooses it where it is cheapest.
 
     Returns:
         y of shape (..., o) in x's dtype, or in the autocast dtype inside ``torch.autocast``.
+    """
+    return frod_linear_reusing(x, weight, bias, U, V, delta, sparse_indices, sparse_values, backend, path,
+                               lam=lam)[0]
+
+
+def frod_linear_reusing(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    delta: torch.Tensor,
+    sparse_indices: torch.Tensor | SparsePattern,
+    sparse_values: torch.Tensor,
+    backend: str = "auto",
+    path: str = "auto",
+    *,
+    lam: torch.Tensor | None = None,
+    rotated_weight: torch.Tensor | None = None,
+    weight_share: float = 1.0,
+) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+    """``frod_linear`` that can reuse W' = W + U·M·Vᵀ across calls (what ``FRoDLinear`` does).
+
+    Args beyond ``frod_linear``'s:
+        rotated_weight: W' (o, n) in the compute dtype (``compute_dtype(x)``), built by an earlier
+            call with the same W, δ and s; used if the weight path is taken. Detached: it is the
+            caller's promise that it is current (``FRoDLinear`` keys it by version counters).
+        weight_share: the share of building W' the cost model charges this call when
+            ``rotated_weight`` is None (1/r when a W' built now will serve r calls).
+
+    Returns:
+        (y, the path taken, W' if this call built it on the weight path under grad, else None:
+        detached, for the caller to pass back while δ, s and W are unchanged).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -88,7 +134,7 @@ def frod_linear(
         raise TypeError(f"U must be a tensor, got {type(U).__name__}")
     amp_dtype = _autocast_dtype(x.device)
     if amp_dtype is not None:
-        x, weight, bias, U, V = (_autocast_cast(t, amp_dtype) for t in (x, weight, bias, U, V))
+        x, weight, bias, U, V, lam = (_autocast_cast(t, amp_dtype) for t in (x, weight, bias, U, V, lam))
     if U.dim() != 2:
         raise ValueError(f"U must be 2-D (out_features, in_features), got shape {tuple(U.shape)}")
     o, n = U.shape
@@ -101,6 +147,12 @@ def frod_linear(
         _check("weight", weight, (o, n), dtype, device)
     if bias is not None:
         _check("bias", bias, (o,), dtype, device)
+    if rotated_weight is not None:
+        _check("rotated_weight", rotated_weight, (o, n), dtype, device)
+    if lam is not None:
+        if weight is None:
+            raise ValueError("lam is for additive layers (a factored call already computes in the basis)")
+        _check("lam", lam, (n,), dtype, device)
     indices = sparse_indices.indices if isinstance(sparse_indices, SparsePattern) else sparse_indices
     if isinstance(indices, torch.Tensor) and indices.device != device:  # before checking its values there
         raise ValueError(f"sparse_indices are on {indices.device}, but x is on {device}")
@@ -122,7 +174,7 @@ def frod_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n)
     grad = torch.is_grad_enabled()
-    for name, t in (("weight", weight), ("U", U), ("V", V)):
+    for name, t in (("weight", weight), ("U", U), ("V", V), ("lam", lam), ("rotated_weight", rotated_weight)):
         if grad and t is not None and t.requires_grad:
             # docs/design.md §4: W, U, V are frozen and get no gradient; fail loudly rather than leave
             # a user who unfroze them with a silent None.
@@ -133,13 +185,19 @@ def frod_linear(
     resolved_path = choose_path(
         path, n_rows=x2.shape[0], out_features=o, in_features=n, k=pattern.k, additive=weight is not None,
         needs_input_grad=needs_input_grad, needs_param_grad=needs_param_grad, device_type=device.type,
+        basis=lam is not None, weight_share=0.0 if rotated_weight is not None else weight_share,
     )
     save = needs_input_grad or needs_param_grad
+    diag = delta.to(dtype)
+    if resolved_path == "basis":  # the token path with W = U·diag(λ)·Vᵀ folded into the diagonal
+        weight, diag = None, (lam.to(delta.dtype) + delta).to(dtype)
     with torch.autocast(device.type, enabled=False) if amp_dtype is not None else contextlib.nullcontext():
-        y, _ = ops.frod_linear_forward(
-            x2, weight, bias, U, V, delta.to(dtype), sparse_values.to(dtype), *pattern,
-            resolved_path, resolved_backend, save,
+        y, saved = ops.frod_linear_forward(
+            x2, weight, bias, U, V, diag, sparse_values.to(dtype), *pattern,
+            rotated_weight if resolved_path == "weight" else None,
+            "token" if resolved_path == "basis" else resolved_path, resolved_backend, save,
         )
+    built = saved.detach() if resolved_path == "weight" and rotated_weight is None and save else None
     # A 2-D x gets the op's output itself, as from nn.Linear: not a view (FSDP2 warns about views,
     # whose in-place use would bypass its backward hooks); N-D x gets a view, as nn.Linear gives.
-    return y if x.dim() == 2 else y.reshape(*lead, o)
+    return (y if x.dim() == 2 else y.reshape(*lead, o)), resolved_path, built

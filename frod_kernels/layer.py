@@ -26,9 +26,9 @@ from torch import nn
 from .decomposition import ALGORITHM_VERSION, joint_decompose, validate_reg
 from .dispatch import BACKENDS, PATHS
 from .fingerprint import weight_fingerprint
-from .functional import frod_linear
+from .functional import compute_dtype, frod_linear, frod_linear_reusing
 from .pattern import SparsePattern, sample_sparse_pattern, validate_sparse_rate
-from .reference import rotation_matrix
+from .reference import relative_error, rotation_matrix
 
 __all__ = ["MODES", "FRoDBasis", "FRoDLinear", "FactoredWeight"]
 
@@ -125,8 +125,19 @@ class FRoDLinear(nn.Module):
 
     Attributes as ``nn.Linear``: ``in_features`` (n), ``out_features`` (o), ``weight`` (o, n; a
     ``FactoredWeight`` in factored mode while unmerged), ``bias``. Also ``backend`` and ``path`` (see
-    ``frod_linear``), settable at any time, ``merged``, and ``base_class``: the class of the module
-    this layer replaced (``nn.Linear``, or transformers' ``Conv1D``), which ``unload_frod`` gives back.
+    ``frod_linear``), ``exact`` (see below) and ``cache_weight`` (W' reuse, below), settable at any
+    time, ``merged``, ``last_path`` (how the last call was computed: 'token', 'weight', 'weight,
+    reused W'', 'basis', 'cached W'' or 'merged'), and ``base_class``: the class of the module this
+    layer replaced (``nn.Linear``, or transformers' ``Conv1D``), which ``unload_frod`` gives back.
+
+    The basis path and ``exact``: an additive layer can also compute with W = U·diag(λ)·Vᵀ, i.e.
+    y = x·(U·(diag(λ+δ) + S)·Vᵀ)ᵀ + b (the factored computation), which skips the X·Wᵀ product
+    (docs/design.md §5). It is the same function up to the decomposition's rounding in the compute
+    dtype, so ``path='auto'`` takes it only where it is cheapest *and* that rounding is within the
+    package's error criterion: on a fixed probe, the basis output's error against float64 is at most
+    2× plain ``F.linear``'s own error in that dtype plus one ulp (``basis_deviation``, measured once
+    per dtype). ``exact=True`` forbids it: the layer then computes exactly what its formula says
+    in the compute dtype, bit-identical to the base layer while δ = s = 0.
     """
 
     def __init__(
@@ -140,6 +151,7 @@ class FRoDLinear(nn.Module):
         backend: str = "auto",
         path: str = "auto",
         param_dtype: torch.dtype | None = None,
+        exact: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -153,10 +165,13 @@ class FRoDLinear(nn.Module):
         if param_dtype is not None and not param_dtype.is_floating_point:
             raise TypeError(f"param_dtype must be a floating-point dtype, got {param_dtype}")
         self.in_features, self.out_features, self.mode = n, o, mode
-        self.backend, self.path = backend, path
+        self.backend, self.path, self.exact = backend, path, bool(exact)
         self.merged = False
         self.cache_weight = True
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+        self._basis_checks: dict[torch.dtype, tuple[float, float, tuple]] = {}
+        self._uses: tuple[tuple | None, int, int] = (None, 0, 1)  # (key, calls with it, calls per W' so far)
+        self.last_path: str | None = None
         self.base_class: type[nn.Module] = nn.Linear
         self._unmerged_weight: torch.Tensor | None = None
         dtype = weight.dtype
@@ -197,6 +212,7 @@ class FRoDLinear(nn.Module):
         path: str = "auto",
         param_dtype: torch.dtype | None = None,
         shared: FRoDBasis | None = None,
+        exact: bool = False,
     ) -> FRoDLinear:
         """Wrap ``linear`` (its weight and bias are shared, not copied).
 
@@ -207,6 +223,7 @@ class FRoDLinear(nn.Module):
                 that V and the pattern are stored once); its V is used and ``basis[1]`` ignored.
             sparse_rate, seed: the pattern Ω (docs/design.md §3), ignored when ``shared`` is given.
             param_dtype: dtype of δ and s (default: the weight's; float32 masters for a bf16 model).
+            exact: never take the basis path (class docstring).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -227,7 +244,7 @@ class FRoDLinear(nn.Module):
                 fingerprint=weight_fingerprint([weight]), max_error=max_error, jitter=jitter,
             )
         return cls(weight, linear.bias, U, lam, shared, mode=mode, backend=backend, path=path,
-                   param_dtype=param_dtype)
+                   param_dtype=param_dtype, exact=exact)
 
     # -- the maths ------------------------------------------------------------------------------
 
@@ -272,18 +289,73 @@ class FRoDLinear(nn.Module):
         base = self._base_weight()
         return (w if base is None else w + base.to(acc)).to(self.U.dtype)
 
-    # -- the W' cache: evaluation of an unmerged layer at the cost of a plain linear ----------------
+    # -- the basis path: its deviation, measured once per compute dtype -----------------------------
+
+    _PROBE_ROWS = 64
+
+    @torch.no_grad()
+    def basis_deviation(self, dtype: torch.dtype | None = None) -> tuple[float, float]:
+        """(deviation, tolerance) of the basis path in ``dtype`` (default: the weight's), measured once.
+
+        On a fixed probe X (64 rows, standard normal, rounded to ``dtype``), relative to the base
+        layer in float64 (max|·| / max|y₆₄|, δ = s = 0): deviation = error of X·(U·diag(λ)·Vᵀ)ᵀ
+        computed the basis path's way in ``dtype``; tolerance = 2 × the error of plain
+        ``F.linear`` in ``dtype`` + eps(dtype) (16·eps in float64), the criterion of
+        ``frod_kernels.bench.validate``. Factored layers always compute this way: (0, inf).
+
+        Measured again when the base weight changed since (its storage or version counter): U, λ
+        and V no longer reproduce a changed W, and the measurement then says so.
+        """
+        dtype = dtype or self.U.dtype
+        if self.mode == "factored":
+            return 0.0, float("inf")
+        base = self._base_weight()
+        weight_key = (base.data_ptr(), base._version)
+        if self._basis_checks.get(dtype, (None, None, None))[2] != weight_key:
+            gen = torch.Generator().manual_seed(0)
+            probe = torch.randn(self._PROBE_ROWS, self.in_features, generator=gen, dtype=torch.float64)
+            x = probe.to(device=self.U.device, dtype=dtype)
+            exact = x.double() @ base.double().mT
+            plain = nn.functional.linear(x, base.to(dtype))
+            zeros = torch.zeros(self.k, dtype=dtype, device=x.device)
+            basis = frod_linear(x, None, None, self.U.to(dtype), self.basis.V.to(dtype), self.lam.to(dtype),
+                                self.basis.pattern, zeros, backend="torch", path="token")
+            atol = torch.finfo(dtype).eps * (16.0 if dtype == torch.float64 else 1.0)
+            self._basis_checks[dtype] = (
+                relative_error(basis, exact), 2.0 * relative_error(plain, exact) + atol, weight_key,
+            )
+        return self._basis_checks[dtype][:2]
+
+    def _basis_lam(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """λ when this call may take the basis path (additive, not exact, deviation in tolerance)."""
+        if self.mode == "factored" or self.exact:
+            return None
+        if self.path == "basis":
+            return self.lam
+        if torch.compiler.is_compiling():  # no measuring inside a graph: use what was measured
+            check = self._basis_checks.get(dtype)
+            return self.lam if check is not None and check[0] <= check[1] else None
+        deviation, tolerance = self.basis_deviation(dtype)
+        return self.lam if deviation <= tolerance else None
+
+    # -- W' reuse: evaluation at the cost of a plain linear; gradient accumulation -----------------
     #
-    # Without gradients for δ and s (evaluation, or a frozen adapter), y = x·W'ᵀ + b needs only W',
-    # which changes only when δ, s or the base weight do. W' is built once (as ``merge`` builds it:
-    # ``effective_weight``, rounded once, so cached and merged outputs are identical) and reused while the
-    # version counters and storages of δ, s and W are those it was built from. Every in-place
-    # update through autograd-visible ops (optimizer steps, ``copy_``, ``load_state_dict``) bumps a
-    # version; ``.to()``, merge/unmerge and state-dict loads clear it. Writes through ``.data``
-    # bypass version counters (as they bypass autograd's own checks): call ``clear_weight_cache()``
-    # after them. Memory: one (o, n) tensor per layer, the size of a merged weight, only once an
-    # evaluation call has happened; ``cache_weight = False`` turns it off. Under torch.compile the
-    # cache is not used (the custom op is traced instead).
+    # W' = W + U·M·Vᵀ changes only when δ, s or the base weight do. Two uses, one slot (at most one
+    # (o, n) tensor per layer, the size of a merged weight):
+    #   * evaluation (no gradients for δ and s): W' is built once as ``merge`` builds it
+    #     (``effective_weight``, rounded once, so cached and merged outputs are identical) and
+    #     y = x·W'ᵀ + b is a plain linear;
+    #   * training on the weight path: the W' a call built is kept and given to the next calls
+    #     while δ, s and W are unchanged (the micro-batches of gradient accumulation, activation
+    #     checkpointing's recomputation): bit-identical to building it again. The cost model is
+    #     charged 1/r of the build, r = calls per W' so far, so that accumulation can make the
+    #     weight path the cheapest.
+    # The key is the storage and version counter of δ, s, W, U and V (plus the compute dtype and
+    # backend): every in-place update through autograd-visible ops (optimizer steps, ``copy_``,
+    # ``load_state_dict``) bumps a version; ``.to()``, merge/unmerge and state-dict loads clear it.
+    # Writes through ``.data`` bypass version counters (as they bypass autograd's own checks): call
+    # ``clear_weight_cache()`` after them. ``cache_weight = False`` turns both uses off. Under
+    # torch.compile neither is used (the custom op is traced instead).
 
     def _cache_key(self) -> tuple:
         base = self._base_weight()
@@ -291,32 +363,60 @@ class FRoDLinear(nn.Module):
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
     def clear_weight_cache(self) -> None:
-        """Drop the cached W' (see above); the next evaluation call builds it again."""
+        """Drop the cached W' (see above); the next call builds it again."""
         self._weight_cache = None
 
     def _cached_weight(self) -> torch.Tensor:
-        key = self._cache_key()
+        key = ("eval", self._cache_key())
         cache = self._weight_cache
         if cache is None or cache[0] != key:
             with torch.no_grad():
                 self._weight_cache = cache = (key, self.effective_weight())
         return cache[1]
 
+    def _reusable_weight(self, dtype: torch.dtype) -> tuple[tuple, torch.Tensor | None, float]:
+        """(key, the W' the weight path may reuse or None, share of a new build to charge)."""
+        key = ("train", self._cache_key(), dtype, self.backend)
+        last, calls, per_build = self._uses
+        self._uses = (key, calls + 1, per_build) if key == last else (key, 1, max(calls, 1) if last else 1)
+        cache = self._weight_cache
+        if cache is not None and cache[0] == key:
+            return key, cache[1], 0.0
+        return key, None, 1.0 / self._uses[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
+            self.last_path = "merged"
             return nn.functional.linear(x, self.weight, self.bias)
         params_need_grad = torch.is_grad_enabled() and (self.delta.requires_grad or self.sparse_values.requires_grad)
-        if self.cache_weight and not params_need_grad and not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if self.cache_weight and not params_need_grad and not compiling:
             w = self._cached_weight()
             if isinstance(x, torch.Tensor) and x.dtype == w.dtype and x.device == w.device and x.dim() > 0 and (
                 x.shape[-1] == self.in_features
             ):
+                self.last_path = "cached W'"
                 return nn.functional.linear(x, w, self.bias)
             # anything unusual goes to frod_linear, which names the problem
-        return frod_linear(
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return frod_linear(x, self._base_weight(), self.bias, self.U, self.basis.V, self._diag(),
+                               self.basis.pattern, self.sparse_values)  # names the problem
+        dtype = compute_dtype(x)
+        reuse = self.cache_weight and params_need_grad and not compiling
+        key, given, share = self._reusable_weight(dtype) if reuse else (None, None, 1.0)
+        path = "token" if self.path == "basis" and self.mode == "factored" else self.path
+        if self.exact and path == "basis":
+            raise ValueError("path='basis' computes with the decomposition's rounding; this layer has exact=True")
+        y, taken, built = frod_linear_reusing(
             x, self._base_weight(), self.bias, self.U, self.basis.V, self._diag(), self.basis.pattern,
-            self.sparse_values, backend=self.backend, path=self.path,
+            self.sparse_values, backend=self.backend, path=path, lam=self._basis_lam(dtype),
+            rotated_weight=given, weight_share=share,
         )
+        if built is not None and reuse:
+            self._weight_cache = (key, built)
+        if not compiling:
+            self.last_path = "weight, reused W'" if taken == "weight" and given is not None else taken
+        return y
 
     # -- state dicts: always (W, b, δ, s), whether merged or not ------------------------------------
     #
@@ -352,6 +452,7 @@ class FRoDLinear(nn.Module):
         # .to(device/dtype) while merged does not leave it behind.
         super()._apply(fn, recurse)
         self.clear_weight_cache()
+        self._basis_checks.clear()  # measured for the old weights' dtype and device
         if self._unmerged_weight is not None:
             self._unmerged_weight = fn(self._unmerged_weight)
         return self

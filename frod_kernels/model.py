@@ -76,7 +76,12 @@ def category_seed(seed: int, category: str) -> int:
 @dataclass
 class FRoDSummary:
     """The FRoD categories of a model after ``apply_frod``: per category (layers, o, n, k, rate,
-    max reconstruction error), and the trainable count of the whole model.
+    max reconstruction error, the basis path's deviation), and the trainable count of the whole model.
+
+    The basis path (``FRoDLinear``, docs/design.md §5) per category: ``basis_ratio`` is the largest
+    deviation / tolerance over its layers in the weights' dtype (≤ 1: within the error criterion),
+    ``basis_layers`` how many layers may take it; "exact" (every layer has ``exact=True``) or
+    "factored" (the category computes in the basis by construction) instead of a ratio.
 
     It covers every FRoD layer of the model, those of earlier ``apply_frod`` calls included.
     """
@@ -94,12 +99,15 @@ class FRoDSummary:
         return 100.0 * self.trainable / max(self.total, 1)
 
     def __str__(self) -> str:
-        lines = [f"{'category':<48} {'layers':>6} {'o x n':>11} {'k':>9} {'rate':>7} {'max rel. err':>12}"]
+        lines = [f"{'category':<48} {'layers':>6} {'o x n':>11} {'k':>9} {'rate':>7} {'max rel. err':>12} "
+                 f"{'basis dev/tol':>16}"]
         for name, c in self.categories.items():
             shape = f"{c['out_features']}x{c['in_features']}"
+            ratio = c["basis_ratio"]
+            basis = ratio if isinstance(ratio, str) else f"{ratio:.2f} ({c['basis_layers']}/{len(c['layers'])} ok)"
             lines.append(
                 f"{name:<48} {len(c['layers']):>6} {shape:>11} {c['k']:>9} {c['sparse_rate']:>7g} "
-                f"{c['max_error']:>12.2e}"
+                f"{c['max_error']:>12.2e} {basis:>16}"
             )
         lines.append(
             f"{self.layers} FRoD layers in {len(self.categories)} categories; trainable "
@@ -147,9 +155,21 @@ def summarize(model: nn.Module) -> FRoDSummary:
             "layers": layers, "out_features": layer.out_features, "in_features": layer.in_features, "k": basis.k,
             "sparse_rate": basis.sparse_rate, "seed": basis.base_seed, "reg": basis.reg,
             "max_error": basis.max_error, "jitter": basis.jitter,
+            **_basis_summary([all_layers[n] for n in layers]),
         }
     summary.trainable, summary.total = trainable_parameters(model)
     return summary
+
+
+def _basis_summary(layers: list[FRoDLinear]) -> dict:
+    """``basis_ratio`` and ``basis_layers`` of one category (see ``FRoDSummary``)."""
+    if all(layer.mode == "factored" for layer in layers):
+        return {"basis_ratio": "factored", "basis_layers": len(layers)}
+    measured = [layer.basis_deviation() for layer in layers if not layer.exact and layer.mode == "additive"]
+    if not measured:
+        return {"basis_ratio": "exact", "basis_layers": 0}
+    return {"basis_ratio": max(dev / tol for dev, tol in measured),
+            "basis_layers": sum(dev <= tol for dev, tol in measured)}
 
 
 def _matcher(target_modules: str | Sequence[str]):
@@ -316,7 +336,7 @@ def _check_category_weights(groups: dict[str, list[_Target]]) -> None:
 
 def _build_category(
     tx: ModelTransaction, name: str, members: list[_Target], spec: CategorySpec, backend: str, path: str,
-    param_dtype: torch.dtype | None, fingerprint: str | None = None,
+    param_dtype: torch.dtype | None, fingerprint: str | None = None, exact: bool = False,
 ) -> FRoDBasis:
     """Decompose one category, draw its Ω and put a FRoDLinear wherever each member was."""
     linears = [_as_linear(t.module) for t in members]
@@ -332,8 +352,10 @@ def _build_category(
     for t, linear, U, lam in zip(members, linears, jb.U, jb.lam, strict=True):
         layer = FRoDLinear.from_linear(
             linear, basis=(U, jb.V, lam), shared=basis, mode=spec.mode, backend=backend, path=path,
-            param_dtype=param_dtype,
+            param_dtype=param_dtype, exact=exact,
         )
+        if not exact:
+            layer.basis_deviation()  # measured now, in the weights' dtype, for the summary
         layer.base_class = type(t.module)
         for alias in t.aliases:
             tx.replace(alias, layer)
@@ -364,6 +386,7 @@ def apply_frod(
     modules_to_save: Sequence[str] = (),
     progress: bool | None = None,
     verbose: bool = False,
+    exact: bool = False,
 ) -> FRoDSummary:
     """Replace the targeted ``nn.Linear`` (or ``Conv1D``) modules of ``model`` in place by ``FRoDLinear``.
 
@@ -379,6 +402,9 @@ def apply_frod(
         progress: a progress bar over categories on stderr (tqdm, if installed); default: when
             stderr is a terminal.
         verbose: print one line per category to stderr (for logs).
+        exact: the layers never take the basis path (``FRoDLinear``): bit-identical to the base
+            model at initialisation. Otherwise the basis path is allowed per layer where its
+            deviation is within tolerance; the summary reports it per category.
 
     Categories are the targets with the same path pattern (``category_name``) and weight shape.
     Every other parameter of the model is frozen (``requires_grad = False``) except the δ and s of
@@ -407,7 +433,7 @@ def apply_frod(
             for i, (cat, members) in enumerate(groups.items()):
                 started = time.perf_counter()
                 spec = CategorySpec([t.name for t in members], sparse_rate, category_seed(seed, cat), reg, mode, seed)
-                basis = _build_category(tx, cat, members, spec, backend, path, param_dtype)
+                basis = _build_category(tx, cat, members, spec, backend, path, param_dtype, exact=exact)
                 _report(bar, verbose, i, len(groups), cat, basis, len(members), started)
             for module in saved:
                 module.requires_grad_(True)

@@ -22,17 +22,22 @@ token space (P = dY·U, Z = X·V, all activations kept transposed (n, N), see to
 
 weight space:
     fwd  U·M = (Mᵀ·Uᵀ)ᵀ (sparse gather); W' = W + (U·M)·Vᵀ;  Y = X·W'ᵀ + b;  W' is kept
-    bwd  dX = dY·W';  G = dYᵀ·X;  H = Uᵀ·G;  (dd, ds) = SDDMM(H, Vᵀ)   (dM = H·V)
+         (or W' is given: built by an earlier call with the same W, δ, s, see ``FRoDLinear``)
+    bwd  dX = dY·W';  G = dYᵀ·X;  dM = Uᵀ·G·V sampled on the diagonal and Ω, as
+         H = Uᵀ·G, (dd, ds) = SDDMM(H, Vᵀ)   (inner dimension n)   when o ≥ n,
+         K = G·V,  (dd, ds) = SDDMM(Uᵀ, Kᵀ)  (inner dimension o)   when o < n:
+         the same o·n·n GEMM either way, and the SDDMM's (n+k)·min(o, n) sparse work.
 
 Double backward (``create_graph=True``, e.g. a gradient penalty): the backward above is linear in
 dY and bilinear in (dY, X) and (dY, M), so when autograd records the backward itself, it is
 computed instead by differentiable PyTorch ops on the dense M (n × n, ``reference.rotation_matrix``):
 dX = dY·W', P = dY·U, Z = X·V, dM = Pᵀ·Z. Same numbers, O(n²) extra memory, no fused kernels.
 
-The ops take the resolved path and backend names (see ``dispatch``); ``frod_linear`` resolves
-them, validates the inputs and flattens x. ``frod_linear_forward`` returns (Y, saved): the
-tensor the backward needs beyond X (Zᵀ for the token path, W' for the weight path), or an
-empty tensor when no gradient will be asked for.
+The ops take the resolved path and backend names (see ``dispatch``; the basis path is the token
+path called with W absent and the diagonal λ + δ); ``frod_linear`` resolves them, validates the
+inputs and flattens x. ``frod_linear_forward`` returns (Y, saved): the tensor the backward needs
+beyond X (Zᵀ for the token path, W' for the weight path), or an empty tensor when no gradient
+will be asked for or when W' was given (then the given one is kept for the backward).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ __all__ = ["frod_linear_backward", "frod_linear_forward"]
 Tensor = torch.Tensor
 
 
-def _token_forward(bk, x, weight, bias, U, V, diag, values, pattern, save):
+def _token_forward(bk, x, weight, bias, U, V, diag, values, pattern, save, rotated_weight=None):
     if not save:
         m_vt = bk.m_matmul(V.t(), diag, values, pattern, transpose=False)  # M·Vᵀ = (V·Mᵀ)ᵀ
         xvm = bk.dual_matmul(x, m_vt)
@@ -68,7 +73,9 @@ def _rotated_weight(bk, weight, U, V, diag, values, pattern):
     return w_eff if weight is None else w_eff.add_(weight)
 
 
-def _weight_forward(bk, x, weight, bias, U, V, diag, values, pattern, save):
+def _weight_forward(bk, x, weight, bias, U, V, diag, values, pattern, save, rotated_weight):
+    if rotated_weight is not None:  # outputs may not alias inputs: the caller keeps the given W'
+        return bk.dual_matmul(x, rotated_weight, bias=bias), x.new_empty(0)
     w_eff = _rotated_weight(bk, weight, U, V, diag, values, pattern)
     return bk.dual_matmul(x, w_eff, bias=bias), (w_eff if save else x.new_empty(0))
 
@@ -90,8 +97,12 @@ def _weight_backward(bk, dy, x, w_eff, weight, U, V, diag, values, pattern, need
         dx = bk.dual_matmul(dy, w_eff.t())
     if need_params:
         g = bk.dual_matmul(dy.t(), x.t())  # G = dYᵀ·X, (o, n)
-        h = bk.dual_matmul(U.t(), g.t())  # H = Uᵀ·G, (n, n)
-        dd, ds = bk.sddmm(h, V.t(), pattern)  # dM = H·V
+        if U.shape[0] < U.shape[1]:
+            k = bk.dual_matmul(g, V.t())  # K = G·V, (o, n)
+            dd, ds = bk.sddmm(U.t(), k.t(), pattern)  # dM = Uᵀ·K, inner dimension o
+        else:
+            h = bk.dual_matmul(U.t(), g.t())  # H = Uᵀ·G, (n, n)
+            dd, ds = bk.sddmm(h, V.t(), pattern)  # dM = H·V, inner dimension n
     return dx, dd, ds
 
 
@@ -112,20 +123,22 @@ def frod_linear_forward(
     csr_ptr: Tensor,
     csc_ptr: Tensor,
     csc_perm: Tensor,
+    rotated_weight: Tensor | None,
     path: str,
     backend: str,
     save: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(Y, saved) for a 2-D x (N, n); see the module docstring."""
+    """(Y, saved) for a 2-D x (N, n); see the module docstring. ``rotated_weight``: a W' to use on
+    the weight path instead of building it (ignored by the token path)."""
     pattern = SparsePattern(indices, csr_ptr, csc_ptr, csc_perm)
     bk = get_backend(backend)
-    return _FORWARD[path](bk, x, weight, bias, U, V, diag, values, pattern, save)
+    return _FORWARD[path](bk, x, weight, bias, U, V, diag, values, pattern, save, rotated_weight)
 
 
 @frod_linear_forward.register_fake
-def _(x, weight, bias, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm, path, backend, save):
+def _(x, weight, bias, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm, rotated_weight, path, backend, save):
     y = x.new_empty(x.shape[0], U.shape[0])
-    if not save:
+    if not save or (path == "weight" and rotated_weight is not None):
         return y, x.new_empty(0)
     if path == "token":
         return y, x.new_empty(V.shape[1], x.shape[0])
@@ -170,8 +183,9 @@ def _(grad_y, x, saved, weight, U, V, diag, values, indices, csr_ptr, csc_ptr, c
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm, path, backend, _ = inputs
-    ctx.save_for_backward(x, output[1], weight, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm)
+    x, weight, _, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm, rotated_weight, path, backend, _ = inputs
+    saved = rotated_weight if path == "weight" and rotated_weight is not None else output[1]
+    ctx.save_for_backward(x, saved, weight, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm)
     ctx.path, ctx.backend = path, backend
 
 
@@ -201,7 +215,7 @@ def _backward(ctx, grad_y, _grad_saved):
     return (
         dx if need_x else None, None, db, None, None,
         dd if need[5] else None, ds if need[6] else None,
-        None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["frod_linear_reference", "rotation_matrix"]
+__all__ = ["frod_linear_reference", "relative_error", "rotation_matrix"]
 
 
 def rotation_matrix(delta: torch.Tensor, sparse_indices: torch.Tensor, sparse_values: torch.Tensor) -> torch.Tensor:
@@ -36,3 +36,10 @@ def frod_linear_reference(
     w_eff = delta_weight if weight is None else weight + delta_weight
     y = x @ w_eff.mT
     return y if bias is None else y + bias
+
+
+def relative_error(value: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|value − ref| / max|ref|, computed in float64: the error measure of every check against
+    this oracle."""
+    ref = ref.double()
+    return float((value.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))

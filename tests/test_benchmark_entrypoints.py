@@ -120,3 +120,23 @@ def test_microbenchmarks_tiny():
         env={"FROD_BENCH_SIZES": "tiny"},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_model_step(tmp_path):
+    pytest.importorskip("transformers")
+    result = _run_cli(tmp_path, "model-step")
+    assert [r["scenario"] for r in result["scenarios"]] == [
+        "train 2x16 accum 1", "train 2x16 accum 4", "train 2x16 accum 1", "train 2x16 accum 4", "eval 2x16"]
+    for row in result["scenarios"]:
+        assert set(row["methods"]) == {"full", "frod", "lora"} and row["methods"]["full"]["ratio_to_full"] == 1.0
+        assert all(m["ms"] > 0 for m in row["methods"].values()) and sum(row["frod_paths"].values()) == 12
+    assert result["scenarios"][-1]["frod_paths"] == {"cached W'": 12}  # evaluation reuses W'
+    assert "reused W'" in " ".join(result["scenarios"][1]["frod_paths"])  # so does accumulation
+
+
+def test_paths(tmp_path):
+    result = _run_cli(tmp_path, "paths")
+    assert len(result["cases"]) == 2
+    for case in result["cases"]:
+        assert set(case["ms"]) == {"auto", "token", "weight", "basis"} and case["auto_paths"]
+        assert case["auto_over_best"] > 0

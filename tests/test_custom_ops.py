@@ -8,26 +8,32 @@ from frod_kernels import FRoDLinear, ops
 from _problems import make_problem
 
 
-def _op_args(p, path, save, weight=True, bias=True):
+def _op_args(p, path, save, weight=True, bias=True, given=False):
+    """The forward op's arguments; ``given``: pass a W' built beforehand (reused on the weight path)."""
     pattern = p.pattern
+    rotated = None
+    if given:
+        rotated = ops._rotated_weight(ops.get_backend("torch"), p.weight if weight else None, p.U, p.V,
+                                      p.delta.detach(), p.values.detach(), pattern)
     return (
         p.x.detach().reshape(-1, p.x.shape[-1]), p.weight if weight else None, p.bias if bias else None,
-        p.U, p.V, p.delta.detach(), p.values.detach(), *pattern, path, "torch", save,
+        p.U, p.V, p.delta.detach(), p.values.detach(), *pattern, rotated, path, "torch", save,
     )
 
 
 @pytest.mark.parametrize("path", ["token", "weight"])
 @pytest.mark.parametrize("save", [True, False])
 @pytest.mark.parametrize("weight", [True, False])
-def test_opcheck_forward(path, save, weight):
+@pytest.mark.parametrize("given", [False, True])
+def test_opcheck_forward(path, save, weight, given):
     p = make_problem((6,), o=7, n=5, rate=0.3, dtype=torch.float32, seed=1)
-    torch.library.opcheck(ops.frod_linear_forward, _op_args(p, path, save, weight=weight))
+    torch.library.opcheck(ops.frod_linear_forward, _op_args(p, path, save, weight=weight, given=given))
 
 
-@pytest.mark.parametrize("path", ["token", "weight"])
-def test_opcheck_forward_with_autograd(path):
+@pytest.mark.parametrize("path,given", [("token", False), ("weight", False), ("weight", True)])
+def test_opcheck_forward_with_autograd(path, given):
     p = make_problem((6,), o=7, n=5, rate=0.3, dtype=torch.float32, seed=2)
-    args = list(_op_args(p, path, True))
+    args = list(_op_args(p, path, True, given=given))
     args[0] = args[0].clone().requires_grad_()
     args[5] = args[5].clone().requires_grad_()
     args[6] = args[6].clone().requires_grad_()

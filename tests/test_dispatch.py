@@ -68,7 +68,7 @@ def test_frod_linear_uses_the_dispatched_path(monkeypatch):
         choose_path("auto", **_shape(8, n, needs_input_grad=False)),
         choose_path("auto", **_shape(4096, n, needs_input_grad=False)),
     ] == ["token", "weight"]
-    assert dispatch.PATHS == ("auto", "token", "weight")
+    assert dispatch.PATHS == ("auto", "token", "weight", "basis")
 
 
 # --------------------------------------------------------------------------------------------

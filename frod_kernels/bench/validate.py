@@ -21,7 +21,7 @@ import torch
 from ..dispatch import choose_backend
 from ..functional import frod_linear
 from ..pattern import sample_sparse_pattern
-from ..reference import frod_linear_reference
+from ..reference import frod_linear_reference, relative_error
 
 __all__ = ["PATHS", "TENSORS", "available_backends", "relative_error", "skipped_backends", "validate"]
 
@@ -46,12 +46,6 @@ def skipped_backends(device: torch.device) -> dict[str, str]:
 def available_backends(device: torch.device) -> list[str]:
     """'torch', plus 'triton' on CUDA or on CPU when TRITON_INTERPRET=1 was set before the import."""
     return ["torch", *(b for b in ("triton",) if b not in skipped_backends(device))]
-
-
-def relative_error(value: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|value − ref| / max|ref| computed in float64."""
-    ref = ref.double()
-    return float((value.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
 def _problem(o: int, n: int, lead: tuple[int, ...], rate: float, seed: int, device: torch.device) -> dict:
