@@ -401,12 +401,12 @@ class FRoDLinear(nn.Module):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return frod_linear(x, self._base_weight(), self.bias, self.U, self.basis.V, self._diag(),
                                self.basis.pattern, self.sparse_values)  # names the problem
+        path = "token" if self.path == "basis" and self.mode == "factored" else self.path  # factored: the same
+        if self.exact and path == "basis":
+            raise ValueError("path='basis' computes with the decomposition's rounding; this layer has exact=True")
         dtype = compute_dtype(x)
         reuse = self.cache_weight and params_need_grad and not compiling
         key, given, share = self._reusable_weight(dtype) if reuse else (None, None, 1.0)
-        path = "token" if self.path == "basis" and self.mode == "factored" else self.path
-        if self.exact and path == "basis":
-            raise ValueError("path='basis' computes with the decomposition's rounding; this layer has exact=True")
         y, taken, built = frod_linear_reusing(
             x, self._base_weight(), self.bias, self.U, self.basis.V, self._diag(), self.basis.pattern,
             self.sparse_values, backend=self.backend, path=path, lam=self._basis_lam(dtype),

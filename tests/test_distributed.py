@@ -9,6 +9,7 @@ shared V must not be duplicated in state dicts nor broadcast once per layer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -26,8 +27,10 @@ from _problems import randomise_frod
 
 WORLD = 2
 # ddp_nosync: DDP(forward_sync_buffers=False), the recommended setting (no per-forward buffer sync).
-RUNS = [("ddp", "additive"), ("ddp", "factored"), ("ddp_nosync", "additive"), ("fsdp", "additive"),
-        ("fsdp", "factored")]
+# ddp_accum: the same with the weight path forced and gradient accumulation over 2 micro-batches per
+# step (the first under no_sync): the second micro-batch reuses W' (docs/design.md §5.4).
+RUNS = [("ddp", "additive"), ("ddp", "factored"), ("ddp_nosync", "additive"), ("ddp_accum", "additive"),
+        ("fsdp", "additive"), ("fsdp", "factored")]
 TIMEOUT_S = 120
 
 
@@ -72,13 +75,20 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _train(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> tuple[dict, dict]:
-    """Two AdamW steps; returns (gradients of step 1, parameters after step 2) by name."""
+def _train(model: nn.Module, x: torch.Tensor, target: torch.Tensor, micro_batches: int = 1) -> tuple[dict, dict]:
+    """Two AdamW steps; returns (gradients of step 1, parameters after step 2) by name.
+
+    With ``micro_batches`` > 1 each step accumulates the gradients of that many equal slices of
+    the batch (mean losses / micro_batches: the whole batch's gradient), syncing DDP on the last.
+    """
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     grads = {}
     for step in range(2):
         opt.zero_grad()
-        nn.functional.mse_loss(model(x), target).backward()
+        for i, (xs, ts) in enumerate(zip(x.chunk(micro_batches), target.chunk(micro_batches), strict=True)):
+            last = i == micro_batches - 1
+            with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
+                (nn.functional.mse_loss(model(xs), ts) / micro_batches).backward()
         if step == 0:
             grads = {n: _full(p.grad).clone() for n, p in model.named_parameters() if p.requires_grad}
         opt.step()
@@ -121,15 +131,20 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results = {}
         for engine, mode in RUNS:
             model = _model(mode)
+            layers = fk.frod_layers(model).values()
+            if engine == "ddp_accum":
+                for layer in layers:
+                    layer.path = "weight"
             info = {}
             if engine.startswith("ddp"):
                 model, info = _ddp(model, forward_sync_buffers=engine == "ddp")
             else:
                 model = _fsdp(model)
-            grads, params = _train(model, x[shard], target[shard])
+            grads, params = _train(model, x[shard], target[shard], micro_batches=2 if engine == "ddp_accum" else 1)
+            info["last_paths"] = sorted({layer.last_path for layer in layers})
             info["state_dict_keys"] = list(model.state_dict())
             if engine.startswith("ddp"):
-                forwards = 2
+                forwards = 4 if engine == "ddp_accum" else 2
                 info["V_per_forward"] = [sum(p == v for p in info["sent"]) / forwards for v in info["V_ptrs"]]
                 info["buffers_per_forward"] = len(info.pop("sent")) / forwards
             results[(engine, mode)] = {"grads": grads, "params": params, "info": info}
@@ -186,8 +201,10 @@ def test_shared_basis_is_not_duplicated(distributed_results, engine, mode):
         # DDP's default forward buffer sync also sends each layer's U and λ and each category's
         # pattern: 4 x 2 + 2 x 5 buffers (docs/hardening.md: pass forward_sync_buffers=False).
         assert info["buffers_per_forward"] == 18
-    if engine == "ddp_nosync":
+    if engine in ("ddp_nosync", "ddp_accum"):
         assert info["buffers_per_forward"] == 0
+    if engine == "ddp_accum":  # each step's second micro-batch reused the W' of its first
+        assert info["last_paths"] == ["weight, reused W'"]
 
 
 def test_checkpoint_holds_no_derived_tensors(tmp_path):

@@ -1,6 +1,7 @@
 """Validate every available backend × path against the float64 reference (docs/design.md §3-§4).
 
-For one problem (x, W, b, U, V, δ, Ω, s; δ and s non-zero) and upstream gradient dY, each tensor
+For one problem (x, W, b, and U, λ, V from the decomposition of W; Ω, δ and s non-zero) and upstream
+gradient dY, every path (token, weight, basis: the last computes with U·diag(λ)·Vᵀ in place of W), each tensor
 T ∈ {y, dx, dδ, ds, db} is compared with the float64 reference by its relative error
 
     err(T) = max|T − T₆₄| / max|T₆₄|.
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..decomposition import joint_decompose
 from ..dispatch import choose_backend
 from ..functional import frod_linear
 from ..pattern import sample_sparse_pattern
@@ -25,7 +27,7 @@ from ..reference import frod_linear_reference, relative_error
 
 __all__ = ["PATHS", "TENSORS", "available_backends", "relative_error", "skipped_backends", "validate"]
 
-PATHS = ("token", "weight")
+PATHS = ("token", "weight", "basis")
 TENSORS = ("y", "dx", "ddelta", "ds", "dbias")
 
 
@@ -55,10 +57,12 @@ def _problem(o: int, n: int, lead: tuple[int, ...], rate: float, seed: int, devi
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device)
 
     indices = sample_sparse_pattern(n, rate, seed).to(device)
+    weight = rnd(o, n, scale=n**-0.5)
+    jb = joint_decompose([weight])  # W = U·diag(λ)·Vᵀ in float64, so the basis path applies
     return {
-        "x": rnd(*lead, n), "weight": rnd(o, n, scale=n**-0.5), "bias": rnd(o), "U": rnd(o, n, scale=n**-0.5),
-        "V": rnd(n, n, scale=n**-0.5), "delta": rnd(n, scale=0.3), "indices": indices,
-        "values": rnd(indices.shape[1], scale=0.3), "gy": rnd(*lead, o),
+        "x": rnd(*lead, n), "weight": weight, "bias": rnd(o), "U": jb.U[0], "V": jb.V, "lam": jb.lam[0],
+        "delta": rnd(n, scale=0.3), "indices": indices, "values": rnd(indices.shape[1], scale=0.3),
+        "gy": rnd(*lead, o),
     }
 
 
@@ -86,8 +90,10 @@ def validate(
         plain_err = {t: relative_error(plain[t], exact[t]) for t in TENSORS}
         for backend in backends or available_backends(device):
             for path in PATHS:
-                def ours(*args, backend=backend, path=path):
-                    return frod_linear(*args, backend=backend, path=path)
+                lam = p["lam"].to(dtype) if path == "basis" else None
+
+                def ours(*args, backend=backend, path=path, lam=lam):
+                    return frod_linear(*args, backend=backend, path=path, lam=lam)
 
                 got = _outputs(ours, p, dtype)
                 err = {t: relative_error(got[t], exact[t]) for t in TENSORS}
