@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from frod_kernels import frod_linear
+from frod_kernels.decomposition import joint_decompose
 from frod_kernels.reference import frod_linear_reference
 
 from _problems import make_problem
@@ -33,19 +34,42 @@ def _grads(y, inputs, gy):
 @pytest.mark.parametrize("layout", ["2d", "3d", "strided"])
 @pytest.mark.parametrize("additive", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_forward_and_grads_match_reference_float64(backend, path, layout, additive, with_bias):
-    p = make_problem((3, 7), o=19, n=13, rate=0.15, seed=hash((path, layout)) % 1000)
+@pytest.mark.parametrize("o,n", [(19, 13), (11, 17)])  # o < n: the weight path forms dM as Uᵀ·(G·V)
+def test_forward_and_grads_match_reference_float64(backend, path, layout, additive, with_bias, o, n):
+    p = make_problem((3, 7), o=o, n=n, rate=0.15, seed=hash((path, layout)) % 1000)
     x = _layout(p.x, layout)
     w = p.weight if additive else None
     b = p.bias.clone().requires_grad_() if with_bias else None
     y = frod_linear(x, w, b, p.U, p.V, p.delta, p.indices, p.values, backend=backend, path=path)
     ref = frod_linear_reference(x, w, b, p.U, p.V, p.delta, p.indices, p.values)
-    assert y.shape == ref.shape == (*x.shape[:-1], 19)
+    assert y.shape == ref.shape == (*x.shape[:-1], o)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     gy = torch.randn_like(y)
     inputs = [x, p.delta, p.values] + ([b] if with_bias else [])
     for got, want in zip(_grads(y, inputs, gy), _grads(ref, inputs, gy), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["2d", "3d", "strided"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
+def test_basis_path_matches_the_additive_reference(backend, layout, with_bias, dtype, tol):
+    """path='basis' computes the additive layer with W = U·diag(λ)·Vᵀ (a real decomposition of W)."""
+    p = make_problem((3, 7), o=11, n=17, rate=0.15, seed=4)
+    jb = joint_decompose([p.weight])
+    U, V, lam = (t.to(dtype) for t in (jb.U[0], jb.V, jb.lam[0]))
+    x = _layout(p.x.to(dtype), layout)
+    delta, values = (t.detach().to(dtype).requires_grad_() for t in (p.delta, p.values))
+    b = p.bias.to(dtype).requires_grad_() if with_bias else None
+    y = frod_linear(x, p.weight.to(dtype), b, U, V, delta, p.indices, values, backend=backend, path="basis", lam=lam)
+    ref = frod_linear_reference(x.double(), p.weight, None if b is None else b.double(), jb.U[0], jb.V,
+                                delta.double(), p.indices, values.double())
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    gy = torch.randn_like(ref)
+    inputs = [x, delta, values] + ([b] if with_bias else [])
+    for got, want in zip(_grads(y, inputs, gy.to(dtype)), _grads(ref, inputs, gy), strict=True):
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
