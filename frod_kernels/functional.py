@@ -188,13 +188,12 @@ def frod_linear_reusing(
         basis=lam is not None, weight_share=0.0 if rotated_weight is not None else weight_share,
     )
     save = needs_input_grad or needs_param_grad
-    diag = delta.to(dtype)
+    operands = ops.Operands(weight, bias, U, V, delta.to(dtype), sparse_values.to(dtype), pattern)
     if resolved_path == "basis":  # the token path with W = U·diag(λ)·Vᵀ folded into the diagonal
-        weight, diag = None, (lam.to(delta.dtype) + delta).to(dtype)
+        operands = operands._replace(weight=None, diag=(lam.to(delta.dtype) + delta).to(dtype))
     with torch.autocast(device.type, enabled=False) if amp_dtype is not None else contextlib.nullcontext():
         y, saved = ops.frod_linear_forward(
-            x2, weight, bias, U, V, diag, sparse_values.to(dtype), *pattern,
-            rotated_weight if resolved_path == "weight" else None,
+            x2, *operands.as_op_args(), rotated_weight if resolved_path == "weight" else None,
             "token" if resolved_path == "basis" else resolved_path, resolved_backend, save,
         )
     built = saved.detach() if resolved_path == "weight" and rotated_weight is None and save else None

@@ -33,14 +33,17 @@ dY and bilinear in (dY, X) and (dY, M), so when autograd records the backward it
 computed instead by differentiable PyTorch ops on the dense M (n × n, ``reference.rotation_matrix``):
 dX = dY·W', P = dY·U, Z = X·V, dM = Pᵀ·Z. Same numbers, O(n²) extra memory, no fused kernels.
 
-The ops take the resolved path and backend names (see ``dispatch``; the basis path is the token
-path called with W absent and the diagonal λ + δ); ``frod_linear`` resolves them, validates the
-inputs and flattens x. ``frod_linear_forward`` returns (Y, saved): the tensor the backward needs
-beyond X (Zᵀ for the token path, W' for the weight path), or an empty tensor when no gradient
-will be asked for or when W' was given (then the given one is kept for the backward).
+What travels with x is one ``Operands`` (W, b, U, V, the diagonal of M, s, Ω); the ops take it
+flattened, with the resolved path and backend names (see ``dispatch``; the basis path is the token
+path called with W absent and the diagonal λ + δ). ``frod_linear`` resolves them, validates the
+inputs, builds the ``Operands`` and flattens x. ``frod_linear_forward`` returns (Y, saved): the
+tensor the backward needs beyond X (Zᵀ for the token path, W' for the weight path), or an empty
+tensor when no gradient will be asked for or when W' was given (then the given one is kept).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -48,66 +51,102 @@ from .dispatch import get_backend
 from .pattern import SparsePattern
 from .reference import rotation_matrix
 
-__all__ = ["frod_linear_backward", "frod_linear_forward"]
+__all__ = ["Operands", "frod_linear_backward", "frod_linear_forward"]
 
 Tensor = torch.Tensor
 
 
-def _token_forward(bk, x, weight, bias, U, V, diag, values, pattern, save, rotated_weight=None):
+class Operands(NamedTuple):
+    """What one call computes with besides x, as it travels from ``frod_linear`` to the kernels.
+
+    weight: W (o, n), or None (factored mode, and the basis path); bias: (o,) or None (None in
+    the backward, which needs no bias); U: (o, n); V: (n, n); diag: (n,) the diagonal of M, δ or
+    λ + δ (factored mode, basis path); values: (k,) s; pattern: Ω with its CSR/CSC views.
+
+    The custom ops take it flattened (``as_op_args``: torch.library schemas take tensors, not
+    structures) and rebuild it inside.
+    """
+
+    weight: Tensor | None
+    bias: Tensor | None
+    U: Tensor
+    V: Tensor
+    diag: Tensor
+    values: Tensor
+    pattern: SparsePattern
+
+    def as_op_args(self) -> tuple:
+        """(weight, bias, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm), the ops' order."""
+        return (self.weight, self.bias, self.U, self.V, self.diag, self.values, *self.pattern)
+
+    def m_matmul(self, bk, b: Tensor, transpose: bool = False) -> Tensor:
+        """M·b (Mᵀ·b) on backend ``bk``."""
+        return bk.m_matmul(b, self.diag, self.values, self.pattern, transpose=transpose)
+
+
+def _token_forward(bk, x, op: Operands, save, rotated_weight=None):
     if not save:
-        m_vt = bk.m_matmul(V.t(), diag, values, pattern, transpose=False)  # M·Vᵀ = (V·Mᵀ)ᵀ
-        xvm = bk.dual_matmul(x, m_vt)
-        out = bk.dual_matmul(xvm, U, bias=bias) if weight is None else bk.dual_matmul(x, weight, xvm, U, bias)
-        return out, x.new_empty(0)
-    zt = bk.dual_matmul(V.t(), x)  # Zᵀ = Vᵀ·Xᵀ, (n, N)
-    at = bk.m_matmul(zt, diag, values, pattern, transpose=False)  # Aᵀ = M·Zᵀ
-    if weight is None:
-        return bk.dual_matmul(at.t(), U, bias=bias), zt
-    return bk.dual_matmul(x, weight, at.t(), U, bias), zt
+        xvm = bk.dual_matmul(x, op.m_matmul(bk, op.V.t()))  # X·(V·Mᵀ), M·Vᵀ = (V·Mᵀ)ᵀ
+        if op.weight is None:
+            return bk.dual_matmul(xvm, op.U, bias=op.bias), x.new_empty(0)
+        return bk.dual_matmul(x, op.weight, xvm, op.U, op.bias), x.new_empty(0)
+    zt = bk.dual_matmul(op.V.t(), x)  # Zᵀ = Vᵀ·Xᵀ, (n, N)
+    at = op.m_matmul(bk, zt)  # Aᵀ = M·Zᵀ
+    if op.weight is None:
+        return bk.dual_matmul(at.t(), op.U, bias=op.bias), zt
+    return bk.dual_matmul(x, op.weight, at.t(), op.U, op.bias), zt
 
 
-def _rotated_weight(bk, weight, U, V, diag, values, pattern):
+def _rotated_weight(bk, op: Operands) -> Tensor:
     """W' = W + (U·M)·Vᵀ, or U·M·Vᵀ when W is None."""
-    um = bk.m_matmul(U.t(), diag, values, pattern, transpose=True).t()  # U·M = (Mᵀ·Uᵀ)ᵀ
-    w_eff = bk.dual_matmul(um, V)
-    return w_eff if weight is None else w_eff.add_(weight)
+    um = op.m_matmul(bk, op.U.t(), transpose=True).t()  # U·M = (Mᵀ·Uᵀ)ᵀ
+    w_eff = bk.dual_matmul(um, op.V)
+    return w_eff if op.weight is None else w_eff.add_(op.weight)
 
 
-def _weight_forward(bk, x, weight, bias, U, V, diag, values, pattern, save, rotated_weight):
+def _weight_forward(bk, x, op: Operands, save, rotated_weight):
     if rotated_weight is not None:  # outputs may not alias inputs: the caller keeps the given W'
-        return bk.dual_matmul(x, rotated_weight, bias=bias), x.new_empty(0)
-    w_eff = _rotated_weight(bk, weight, U, V, diag, values, pattern)
-    return bk.dual_matmul(x, w_eff, bias=bias), (w_eff if save else x.new_empty(0))
+        return bk.dual_matmul(x, rotated_weight, bias=op.bias), x.new_empty(0)
+    w_eff = _rotated_weight(bk, op)
+    return bk.dual_matmul(x, w_eff, bias=op.bias), (w_eff if save else x.new_empty(0))
 
 
-def _token_backward(bk, dy, x, zt, weight, U, V, diag, values, pattern, need_x, need_params):
-    pt = bk.dual_matmul(U.t(), dy)  # Pᵀ = Uᵀ·dYᵀ, (n, N)
+def _token_backward(bk, dy, x, zt, op: Operands, need_x, need_params):
+    pt = bk.dual_matmul(op.U.t(), dy)  # Pᵀ = Uᵀ·dYᵀ, (n, N)
     dx = dd = ds = None
     if need_x:
-        qt = bk.m_matmul(pt, diag, values, pattern, transpose=True)  # (P·M)ᵀ = Mᵀ·Pᵀ
-        dx = bk.dual_matmul(qt.t(), V) if weight is None else bk.dual_matmul(dy, weight.t(), qt.t(), V)
+        qt = op.m_matmul(bk, pt, transpose=True)  # (P·M)ᵀ = Mᵀ·Pᵀ
+        if op.weight is None:
+            dx = bk.dual_matmul(qt.t(), op.V)
+        else:
+            dx = bk.dual_matmul(dy, op.weight.t(), qt.t(), op.V)
     if need_params:
-        dd, ds = bk.sddmm(pt, zt, pattern)
+        dd, ds = bk.sddmm(pt, zt, op.pattern)
     return dx, dd, ds
 
 
-def _weight_backward(bk, dy, x, w_eff, weight, U, V, diag, values, pattern, need_x, need_params):
+def _weight_backward(bk, dy, x, w_eff, op: Operands, need_x, need_params):
     dx = dd = ds = None
     if need_x:
         dx = bk.dual_matmul(dy, w_eff.t())
     if need_params:
         g = bk.dual_matmul(dy.t(), x.t())  # G = dYᵀ·X, (o, n)
-        if U.shape[0] < U.shape[1]:
-            k = bk.dual_matmul(g, V.t())  # K = G·V, (o, n)
-            dd, ds = bk.sddmm(U.t(), k.t(), pattern)  # dM = Uᵀ·K, inner dimension o
+        o, n = op.U.shape
+        if o < n:
+            k = bk.dual_matmul(g, op.V.t())  # K = G·V, (o, n)
+            dd, ds = bk.sddmm(op.U.t(), k.t(), op.pattern)  # dM = Uᵀ·K, inner dimension o
         else:
-            h = bk.dual_matmul(U.t(), g.t())  # H = Uᵀ·G, (n, n)
-            dd, ds = bk.sddmm(h, V.t(), pattern)  # dM = H·V, inner dimension n
+            h = bk.dual_matmul(op.U.t(), g.t())  # H = Uᵀ·G, (n, n)
+            dd, ds = bk.sddmm(h, op.V.t(), op.pattern)  # dM = H·V, inner dimension n
     return dx, dd, ds
 
 
 _FORWARD = {"token": _token_forward, "weight": _weight_forward}
 _BACKWARD = {"token": _token_backward, "weight": _weight_backward}
+
+
+def _operands(weight, bias, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm) -> Operands:
+    return Operands(weight, bias, U, V, diag, values, SparsePattern(indices, csr_ptr, csc_ptr, csc_perm))
 
 
 @torch.library.custom_op("frod_kernels::frod_linear_forward", mutates_args=())
@@ -128,11 +167,10 @@ def frod_linear_forward(
     backend: str,
     save: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(Y, saved) for a 2-D x (N, n); see the module docstring. ``rotated_weight``: a W' to use on
-    the weight path instead of building it (ignored by the token path)."""
-    pattern = SparsePattern(indices, csr_ptr, csc_ptr, csc_perm)
-    bk = get_backend(backend)
-    return _FORWARD[path](bk, x, weight, bias, U, V, diag, values, pattern, save, rotated_weight)
+    """(Y, saved) for a 2-D x (N, n): ``x`` then ``Operands.as_op_args()`` (see the module
+    docstring). ``rotated_weight``: a W' to use on the weight path instead of building it."""
+    op = _operands(weight, bias, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm)
+    return _FORWARD[path](get_backend(backend), x, op, save, rotated_weight)
 
 
 @frod_linear_forward.register_fake
@@ -165,10 +203,8 @@ def frod_linear_backward(
     need_params: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dX, dd, ds); a gradient that is not needed comes back as an empty tensor."""
-    pattern = SparsePattern(indices, csr_ptr, csc_ptr, csc_perm)
-    bk = get_backend(backend)
-    grad_y = grad_y.contiguous()
-    dx, dd, ds = _BACKWARD[path](bk, grad_y, x, saved, weight, U, V, diag, values, pattern, need_x, need_params)
+    op = _operands(weight, None, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm)
+    dx, dd, ds = _BACKWARD[path](get_backend(backend), grad_y.contiguous(), x, saved, op, need_x, need_params)
     # Custom-op outputs may not alias each other: one fresh empty tensor per missing gradient.
     return tuple(x.new_empty(0) if g is None else g for g in (dx, dd, ds))
 
@@ -189,27 +225,26 @@ def _setup_context(ctx, inputs, output):
     ctx.path, ctx.backend = path, backend
 
 
-def _differentiable_backward(grad_y, x, weight, U, V, diag, values, indices):
+def _differentiable_backward(grad_y, x, op: Operands):
     """(dX, dd, ds) by plain differentiable ops, for double backward (see the module docstring)."""
-    m = rotation_matrix(diag, indices, values)
-    w_eff = U @ m @ V.mT
-    if weight is not None:
-        w_eff = w_eff + weight
-    dm = (grad_y @ U).mT @ (x @ V)  # dM = Pᵀ·Z
+    indices = op.pattern.indices
+    w_eff = op.U @ rotation_matrix(op.diag, indices, op.values) @ op.V.mT
+    if op.weight is not None:
+        w_eff = w_eff + op.weight
+    dm = (grad_y @ op.U).mT @ (x @ op.V)  # dM = Pᵀ·Z
     return grad_y @ w_eff, dm.diagonal(), dm[indices[0], indices[1]]
 
 
 def _backward(ctx, grad_y, _grad_saved):
-    x, saved, weight, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm = ctx.saved_tensors
+    x, saved, weight, U, V, diag, values, *pattern = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_x, need_params, need_bias = need[0], need[5] or need[6], need[2]
     dx = dd = ds = None
     if torch.is_grad_enabled() and (need_x or need_params):  # create_graph=True: the backward is recorded
-        dx, dd, ds = _differentiable_backward(grad_y, x, weight, U, V, diag, values, indices)
+        dx, dd, ds = _differentiable_backward(grad_y, x, _operands(weight, None, U, V, diag, values, *pattern))
     elif need_x or need_params:
         dx, dd, ds = frod_linear_backward(
-            grad_y, x, saved, weight, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm,
-            ctx.path, ctx.backend, need_x, need_params,
+            grad_y, x, saved, weight, U, V, diag, values, *pattern, ctx.path, ctx.backend, need_x, need_params,
         )
     db = grad_y.sum(0) if need_bias else None
     return (

@@ -10,15 +10,10 @@ from _problems import make_problem
 
 def _op_args(p, path, save, weight=True, bias=True, given=False):
     """The forward op's arguments; ``given``: pass a W' built beforehand (reused on the weight path)."""
-    pattern = p.pattern
-    rotated = None
-    if given:
-        rotated = ops._rotated_weight(ops.get_backend("torch"), p.weight if weight else None, p.U, p.V,
-                                      p.delta.detach(), p.values.detach(), pattern)
-    return (
-        p.x.detach().reshape(-1, p.x.shape[-1]), p.weight if weight else None, p.bias if bias else None,
-        p.U, p.V, p.delta.detach(), p.values.detach(), *pattern, rotated, path, "torch", save,
-    )
+    op = ops.Operands(p.weight if weight else None, p.bias if bias else None, p.U, p.V, p.delta.detach(),
+                      p.values.detach(), p.pattern)
+    rotated = ops._rotated_weight(ops.get_backend("torch"), op) if given else None
+    return (p.x.detach().reshape(-1, p.x.shape[-1]), *op.as_op_args(), rotated, path, "torch", save)
 
 
 @pytest.mark.parametrize("path", ["token", "weight"])
