@@ -347,9 +347,11 @@ class FRoDLinear(nn.Module):
     #     y = x·W'ᵀ + b is a plain linear;
     #   * training on the weight path: the W' a call built is kept and given to the next calls
     #     while δ, s and W are unchanged (the micro-batches of gradient accumulation, activation
-    #     checkpointing's recomputation): bit-identical to building it again. The cost model is
-    #     charged 1/r of the build, r = calls per W' so far, so that accumulation can make the
-    #     weight path the cheapest.
+    #     checkpointing's recomputation): bit-identical to building it again. It is kept only once
+    #     reuse has been seen (a second call with the same δ, s, or the previous ones served more
+    #     than one call), so that plain training, where every step changes δ, holds no extra W'
+    #     between steps. The cost model is charged 1/r of the build, r = calls per W' so far, so
+    #     that accumulation can make the weight path the cheapest.
     # The key is the storage and version counter of δ, s, W, U and V (plus the compute dtype and
     # backend): every in-place update through autograd-visible ops (optimizer steps, ``copy_``,
     # ``load_state_dict``) bumps a version; ``.to()``, merge/unmerge and state-dict loads clear it.
@@ -370,19 +372,23 @@ class FRoDLinear(nn.Module):
         key = ("eval", self._cache_key())
         cache = self._weight_cache
         if cache is None or cache[0] != key:
+            self._weight_cache = None  # a stale W' is freed before the new one is built
             with torch.no_grad():
                 self._weight_cache = cache = (key, self.effective_weight())
         return cache[1]
 
-    def _reusable_weight(self, dtype: torch.dtype) -> tuple[tuple, torch.Tensor | None, float]:
-        """(key, the W' the weight path may reuse or None, share of a new build to charge)."""
+    def _reusable_weight(self, dtype: torch.dtype) -> tuple[tuple, torch.Tensor | None, float, bool]:
+        """(key, the W' the weight path may reuse or None, share of a new build to charge, whether
+        to keep a W' built now)."""
         key = ("train", self._cache_key(), dtype, self.backend)
         last, calls, per_build = self._uses
         self._uses = (key, calls + 1, per_build) if key == last else (key, 1, max(calls, 1) if last else 1)
+        _, calls, per_build = self._uses
         cache = self._weight_cache
         if cache is not None and cache[0] == key:
-            return key, cache[1], 0.0
-        return key, None, 1.0 / self._uses[2]
+            return key, cache[1], 0.0, False
+        self._weight_cache = None  # stale: freed before the op builds the new one
+        return key, None, 1.0 / per_build, calls > 1 or per_build > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -406,13 +412,13 @@ class FRoDLinear(nn.Module):
             raise ValueError("path='basis' computes with the decomposition's rounding; this layer has exact=True")
         dtype = compute_dtype(x)
         reuse = self.cache_weight and params_need_grad and not compiling
-        key, given, share = self._reusable_weight(dtype) if reuse else (None, None, 1.0)
+        key, given, share, keep = self._reusable_weight(dtype) if reuse else (None, None, 1.0, False)
         y, taken, built = frod_linear_reusing(
             x, self._base_weight(), self.bias, self.U, self.basis.V, self._diag(), self.basis.pattern,
             self.sparse_values, backend=self.backend, path=path, lam=self._basis_lam(dtype),
             rotated_weight=given, weight_share=share,
         )
-        if built is not None and reuse:
+        if built is not None and keep:
             self._weight_cache = (key, built)
         if not compiling:
             self.last_path = "weight, reused W'" if taken == "weight" and given is not None else taken

@@ -220,7 +220,9 @@ def test_reused_weight_is_bit_identical(monkeypatch):
     for x, gy in zip(xs, gys, strict=True):  # three micro-batches, δ and s unchanged
         assert torch.equal(_step(layer, x, gy), _step(fresh, x, gy))
     assert layer.last_path == "weight, reused W'" and fresh.last_path == "weight"
-    assert len(builds) == 1 + 3  # the caching layer built W' once, the other every call
+    # the caching layer built W' for the first two calls (kept once a second call showed reuse),
+    # the other one every call
+    assert len(builds) == 2 + 3
     assert torch.equal(layer.delta.grad, fresh.delta.grad)
     assert torch.equal(layer.sparse_values.grad, fresh.sparse_values.grad)
     torch.testing.assert_close(_step(layer, xs[0], gys[0]).double(), _reference(layer, xs[0]), rtol=1e-5,
@@ -297,6 +299,17 @@ def test_reuse_estimate_lets_accumulation_choose_the_weight_path():
     assert taken[4:] == ["weight", "weight, reused W'", "weight, reused W'", "weight, reused W'"] * 2
 
 
+def test_plain_training_keeps_no_weight_between_steps():
+    """Every step changes δ: no reuse is seen, so no W' is held between steps."""
+    layer = _layer(path="weight")
+    opt = torch.optim.SGD([layer.delta, layer.sparse_values], lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(4, 10)).square().sum().backward()
+        opt.step()
+        assert layer._weight_cache is None and layer.last_path == "weight"
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing_matches(reentrant):
     """Recomputation in the backward (and reentrant checkpointing's no-grad first pass, which takes
@@ -331,6 +344,7 @@ def test_autocast_keys_the_reused_weight_by_compute_dtype():
     x, gy = torch.randn(4, 10), torch.randn(4, 7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
+        layer(x)
         layer(x)
     assert y.dtype == torch.bfloat16 and layer.last_path == "weight, reused W'"
     assert layer._weight_cache[1].dtype == torch.bfloat16
