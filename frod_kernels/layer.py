@@ -332,7 +332,9 @@ class FRoDLinear(nn.Module):
             return None
         if self.path == "basis":
             return self.lam
-        if torch.compiler.is_compiling():  # no measuring inside a graph: use what was measured
+        if torch.compiler.is_compiling():
+            # No measuring inside a graph: the last eager measurement decides (loads, .to() and
+            # clear_weight_cache() drop it, and then the compiled call stays exact).
             check = self._basis_checks.get(dtype)
             return self.lam if check is not None and check[0] <= check[1] else None
         deviation, tolerance = self.basis_deviation(dtype)
@@ -365,8 +367,10 @@ class FRoDLinear(nn.Module):
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
     def clear_weight_cache(self) -> None:
-        """Drop the cached W' (see above); the next call builds it again."""
+        """Drop the cached W' and the basis path's measurements (see above); the next call builds
+        and measures again. Needed only after writes that bypass version counters (``.data``)."""
         self._weight_cache = None
+        self._basis_checks.clear()
 
     def _cached_weight(self) -> torch.Tensor:
         key = ("eval", self._cache_key())
@@ -452,16 +456,27 @@ class FRoDLinear(nn.Module):
                 self.merge()
             except ValueError as exc:  # load_state_dict raises with every message once all modules ran
                 error_msgs.append(f"{prefix or 'FRoDLinear'}: loaded, but could not merge again: {exc}")
+        self._measure_basis()  # for the loaded W
 
     def _apply(self, fn, recurse: bool = True):
         # The weight kept for unmerge is a plain attribute: convert it with the module so that
         # .to(device/dtype) while merged does not leave it behind.
         super()._apply(fn, recurse)
-        self.clear_weight_cache()
-        self._basis_checks.clear()  # measured for the old weights' dtype and device
+        self.clear_weight_cache()  # W' and the basis measurements were for the old dtype and device
         if self._unmerged_weight is not None:
             self._unmerged_weight = fn(self._unmerged_weight)
+        self._measure_basis()
         return self
+
+    def _measure_basis(self) -> None:
+        """Measure the basis path's deviation now, in the weights' dtype, where that can be done:
+        a compiled forward cannot measure, and would otherwise stay on the exact paths after every
+        ``.to()``. Skipped for tensors without data (meta) or sharded ones (FSDP2's DTensors)."""
+        base = self._base_weight()
+        if self.mode == "factored" or self.exact or base is None:
+            return
+        if all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type != "meta" for t in (self.U, base)):
+            self.basis_deviation()
 
     # -- merge ----------------------------------------------------------------------------------
 

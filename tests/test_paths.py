@@ -173,7 +173,7 @@ def test_basis_deviation_float64_and_factored():
     assert deviation < 1e-13 and tolerance == 16 * torch.finfo(torch.float64).eps
     assert _layer(mode="factored").basis_deviation() == (0.0, float("inf"))
     layer.float()
-    assert not layer._basis_checks  # .to() clears: measured again for the new dtype
+    assert set(layer._basis_checks) == {torch.float32}  # .to() measures again, for the new dtype
 
 
 def test_summary_reports_the_basis_deviation():
@@ -387,3 +387,21 @@ def test_ties_go_to_the_exact_paths():
     shape = {"n_rows": 64, "out_features": 32, "in_features": 32, "k": 10}
     costs = path_costs(**shape, basis=True)
     assert choose_path("auto", **shape, basis=True) == min(costs, key=lambda p: (costs[p], p == "basis"))
+
+
+def test_compiled_calls_use_the_measurement_taken_eagerly():
+    """A compiled forward cannot measure: .to() and loads measure at once, so it still may take the
+    basis path; after clear_weight_cache() it stays exact until an eager call measures again."""
+    layer, x = _up_projection()
+    layer.double().float()
+    assert torch.float32 in layer._basis_checks  # measured by .to(), not by a forward
+    layer.load_state_dict(layer.state_dict())
+    assert torch.float32 in layer._basis_checks
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    layer.clear_weight_cache()
+    assert not layer._basis_checks
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(layer, backend="aot_eager", fullgraph=True)(x),
+                               nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
