@@ -184,6 +184,7 @@ class FRoDLinear(nn.Module):
         pdtype = param_dtype or dtype
         self.delta = nn.Parameter(torch.zeros(n, dtype=pdtype, device=weight.device))
         self.sparse_values = nn.Parameter(torch.zeros(basis.k, dtype=pdtype, device=weight.device))
+        self._measure_basis()
 
     def __setattr__(self, name: str, value) -> None:
         if name == "backend" and value not in BACKENDS:
@@ -541,5 +542,6 @@ class FRoDLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
             f"sparse_rate={self.sparse_rate:g}, bias={self.bias is not None}, mode={self.mode}, "
-            f"trainable={self.num_trainable()} ({share:.2f}%)" + (", merged" if self.merged else "")
+            f"trainable={self.num_trainable()} ({share:.2f}%)" + (", exact" if self.exact else "")
+            + (", merged" if self.merged else "")
         )

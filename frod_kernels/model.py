@@ -354,7 +354,6 @@ def _build_category(
             linear, basis=(U, jb.V, lam), shared=basis, mode=spec.mode, backend=backend, path=path,
             param_dtype=param_dtype, exact=exact,
         )
-        layer._measure_basis()  # now, in the weights' dtype: for the summary and compiled calls
         layer.base_class = type(t.module)
         for alias in t.aliases:
             tx.replace(alias, layer)
