@@ -80,7 +80,8 @@ def frod_linear(
         x: (..., n), any strides, floating point.
         weight: (o, n) frozen base weight, or None (factored mode: δ then holds λ+δ).
         bias: (o,) or None.
-        U: (o, n).  V: (n, n); fastest when column-major (``V.t()`` contiguous), as FRoDLinear keeps it.
+        U: (o, n).  V: (n, n); both fastest when column-major (``U.t()``, ``V.t()`` contiguous), as
+            FRoDLinear keeps them.
         delta: (n,).  sparse_values: (k,).  These two may be in another float dtype than x (e.g.
             fp32 masters with a bf16 model): they are cast, and their gradients come back in
             their own dtype.

@@ -178,7 +178,10 @@ class FRoDLinear(nn.Module):
         if mode == "additive":
             self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.register_buffer("U", U.detach().to(device=weight.device, dtype=dtype), persistent=False)
+        # Column-major, like V: the kernels read Uᵀ row by row (U·M = (Mᵀ·Uᵀ)ᵀ, the SDDMM's Uᵀ), and
+        # this way Uᵀ is contiguous without a copy per call.
+        U = U.detach().to(device=weight.device, dtype=dtype)
+        self.register_buffer("U", U.t().contiguous().t(), persistent=False)
         self.register_buffer("lam", lam.detach().to(device=weight.device, dtype=dtype), persistent=False)
         self.basis = basis
         pdtype = param_dtype or dtype

@@ -133,8 +133,8 @@ def _weight_backward(bk, dy, x, w_eff, op: Operands, need_x, need_params):
         g = bk.dual_matmul(dy.t(), x.t())  # G = dYᵀ·X, (o, n)
         o, n = op.U.shape
         if o < n:
-            k = bk.dual_matmul(g, op.V.t())  # K = G·V, (o, n)
-            dd, ds = bk.sddmm(op.U.t(), k.t(), op.pattern)  # dM = Uᵀ·K, inner dimension o
+            kt = bk.dual_matmul(op.V.t(), g)  # Kᵀ = (G·V)ᵀ = Vᵀ·Gᵀ, (n, o)
+            dd, ds = bk.sddmm(op.U.t(), kt, op.pattern)  # dM = Uᵀ·K, inner dimension o
         else:
             h = bk.dual_matmul(op.U.t(), g.t())  # H = Uᵀ·G, (n, n)
             dd, ds = bk.sddmm(h, op.V.t(), op.pattern)  # dM = H·V, inner dimension n

@@ -82,7 +82,7 @@ def m_matmul(
 
 def sddmm(at: torch.Tensor, bt: torch.Tensor, pattern: SparsePattern) -> tuple[torch.Tensor, torch.Tensor]:
     """Diagonal and Ω entries of C = at·btᵀ; at, bt are (n, T)."""
-    diag = torch.einsum("it,it->i", at, bt)
+    diag = torch.linalg.vecdot(at, bt)  # row-wise dots; einsum's bmm is 4x slower from T = 512 on CPU
     if pattern.k == 0:
         return diag, at.new_zeros(0)
     dtype = at.dtype
