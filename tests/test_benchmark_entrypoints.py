@@ -132,6 +132,8 @@ def test_model_step(tmp_path):
         assert all(m["ms"] > 0 for m in row["methods"].values()) and sum(row["frod_paths"].values()) == 12
     assert result["scenarios"][-1]["frod_paths"] == {"cached W'": 12}  # evaluation reuses W'
     assert "reused W'" in " ".join(result["scenarios"][1]["frod_paths"])  # so does accumulation
+    assert len(result["basis_ratios"]) == 6 and all(0 < r["float32"] <= 1 and r["bfloat16"] > 0
+                                                    for r in result["basis_ratios"].values())
 
 
 def test_paths(tmp_path):

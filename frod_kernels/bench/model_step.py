@@ -18,7 +18,9 @@ Timing: ``timing.time_interleaved`` per scenario (methods take turns, the starti
 each round), ``warmup`` untimed rounds (FRoD's first evaluation call builds its W' cache there),
 then ``repeats`` timed rounds; reported: median and quartiles, the ratio of medians to ``full``
 and the median same-round ratio (robust to load drifting between rounds). The load average is
-recorded before and after.
+recorded before and after, and so is the basis path's deviation / tolerance per FRoD category in
+float32 (the weights' dtype, as ``apply_frod``'s summary reports it) and in bfloat16 (≤ 1: the
+dispatcher may take the basis path; docs/design.md §5.5).
 
 ``tiny=True``: a 2-layer random BERT, batch 2 × 16, one warm-up and two rounds (the smoke test).
 """
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from ..model import frod_layers
+from ..model import summarize as frod_summary
 from . import convergence
 from .peft_bench import _encoder_factory
 from .timing import Progress, Timed, summarize, time_interleaved
@@ -79,6 +82,16 @@ def _frod_paths(model: nn.Module) -> dict[str, int]:
     for layer in frod_layers(model).values():
         counts[layer.last_path] = counts.get(layer.last_path, 0) + 1
     return counts
+
+
+def _basis_ratios(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per category, the largest deviation / tolerance of the basis path over its layers, per dtype."""
+    layers = frod_layers(model)
+    out = {}
+    for name, cat in frod_summary(model).categories.items():
+        bf16 = max(dev / tol for dev, tol in (layers[n].basis_deviation(torch.bfloat16) for n in cat["layers"]))
+        out[name] = {"float32": cat["basis_ratio"], "bfloat16": bf16}
+    return out
 
 
 def run_model_step(
@@ -138,6 +151,7 @@ def run_model_step(
         rows.append(row)
     progress.close()
     return {
+        "basis_ratios": _basis_ratios(models["frod"]) if "frod" in models else {},
         "title": "tiny random BERT" if tiny else "all-MiniLM-L6-v2", "seq_len": seq_len, "warmup": warmup,
         "repeats": repeats, "threads": torch.get_num_threads(), "trainable": trainable, "scenarios": rows,
         "load_average_before": load_before,
@@ -156,6 +170,9 @@ def format_report(result: dict) -> str:
             paths = ", ".join(f"{p} {c}" for p, c in row.get("frod_paths", {}).items()) if name == "frod" else ""
             lines.append(f"{row['scenario']:<24} {name:<6} {m['ms']:>9.1f} {m['q25_ms']:>7.0f}-{m['q75_ms']:<7.0f} "
                          f"{m['ratio_to_full']:>6.2f} {m['paired_ratio_to_full']:>6.2f}  {paths}")
+    for name, ratio in result["basis_ratios"].items():
+        lines.append(f"basis path deviation / tolerance, {name}: float32 {ratio['float32']:.2f}, "
+                     f"bfloat16 {ratio['bfloat16']:.2f}")
     lines.append("trainable: " + ", ".join(f"{k} {v:,}" for k, v in result["trainable"].items()))
     lines.append(f"load average before {result['load_average_before']}, after {result['load_average_after']}")
     return "\n".join(lines)
