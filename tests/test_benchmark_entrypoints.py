@@ -70,7 +70,8 @@ def test_memorise(tmp_path):
     assert [r["lr"] for r in result["sweep"]["full"]] == [1e-3, 3e-3]
     assert [r["lr"] for r in result["sweep"]["frod"]] == list(memorise.LR_GRID["frod"])
     m = result["methods"]
-    assert result["head_lr"] == m["head"]["lr"] and next(iter(m)) == "head"  # head runs first: its lr is every head's
+    assert result["head_lr"] == memorise.HEAD_LR and next(iter(m)) == "head"  # head runs first
+    assert result["pool"] is None and len(result["linear_probe"]["train_accuracy"]) == 1
     head = m["head"]["trainable"]
     assert m["lora_4x"]["trainable"] - head == 4 * (m["lora"]["trainable"] - head)
     assert m["frod"]["trainable"] < m["frod_rho0.04"]["trainable"] < m["full"]["trainable"]
@@ -97,6 +98,11 @@ def test_memorise_keys_and_spectrum():
     fraction, cum = memorise.spectrum_rank(low)
     assert fraction <= 2 / 30 and len(cum) == 30 and abs(cum[-1] - 1) < 1e-12
     assert memorise.spectrum_rank(torch.zeros(5, 5))[0] == 0.0
+    # a word pool: every key's words come from ``pool`` words, and all train + held-out keys are distinct
+    data = memorise._data({"vocab": torch.arange(3, 64), "cls": 1, "sep": 2}, 40, 20, 4, seed=0, pool=3)
+    keys = torch.cat([data["train"][0], data["held_out"][0]])
+    assert len(set(map(tuple, keys.tolist()))) == 60 and len(keys[keys > 2].unique()) == 3
+    assert data["train"][2].shape == (40,) and int(data["held_out"][2].max()) < 4
 
 
 def _script(args: list[str], env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:

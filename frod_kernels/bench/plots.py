@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def plot_memorise(result: dict, path: str | Path) -> Path | None:
                 cum = np.array([r["cumulative_energy"][layer] for r in runs]).mean(0)
                 ax.plot(np.arange(1, len(cum) + 1) / len(cum), cum, color=line.get_color(), label=name)
     acc_ax.axhline(100 / result["classes"], color="k", linestyle=":", label="chance")
-    acc_ax.set(xlabel="step", ylabel="train accuracy over all keys (%)", title=result["title"], ylim=(0, 101))
+    acc_ax.set(xlabel="step", ylabel="train accuracy over all keys (%)", ylim=(0, 101))
+    acc_ax.set_title(textwrap.fill(result["title"], 48), fontsize=9)
     acc_ax.legend(fontsize=7)
     for ax, layer in zip(spec_axes, probes, strict=True):
         ax.axhline(0.9, color="k", linestyle=":")
