@@ -76,8 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="override a learning rate, e.g. --lr lora=5e-3 --lr frod=1e-2,1e-3 (δ, s)")
     conv.add_argument("--plot", type=Path, default=None, metavar="PNG")
     mem = sub.add_parser("memorise", parents=[common], help="MiniLM memorising random keys: FRoD vs LoRA vs full")
-    mem.add_argument("--keys", type=int, default=None, help="K training keys (default 1024)")
+    mem.add_argument("--keys", type=int, default=None, help="K training keys (default 256)")
     mem.add_argument("--classes", type=int, default=None, help="C labels (default 8)")
+    mem.add_argument("--pool", type=int, default=None, help="words in each seed's key vocabulary (default 3)")
     mem.add_argument("--steps", type=int, default=None)
     mem.add_argument("--batch", type=int, default=None)
     mem.add_argument("--eval-every", type=int, default=None, help="steps between train-accuracy evaluations")
@@ -246,7 +247,8 @@ def _memorise(args: argparse.Namespace, device: torch.device) -> int:
             raise SystemExit(f"--lr {item!r}: expected METHOD=LR[,LR...] for {memorise.METHODS}")
         grid[name] = tuple(float(v) for v in values.split(","))
     result = memorise.run_memorise(
-        device=device, tiny=args.tiny, keys=args.keys, classes=args.classes, steps=args.steps, batch=args.batch,
+        device=device, tiny=args.tiny, keys=args.keys, classes=args.classes, pool=args.pool, steps=args.steps,
+        batch=args.batch,
         eval_every=args.eval_every, seeds=args.seeds, methods=args.methods, lr_grid=grid,
         show_progress=not args.no_progress,
         checkpoint=lambda partial: _write_json(args.json, {"machine": args.machine, "command": args.command_line,

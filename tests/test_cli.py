@@ -3,6 +3,7 @@ skipped backends, the load-average warning."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,9 @@ import torch
 
 from frod_kernels.bench import validate
 from frod_kernels.bench.timing import load_warning
-from frod_kernels.cli import _parser
+from frod_kernels.cli import _parser, main
 
-SUBCOMMANDS = ["bench", "decompose", "convergence", "memorise", "peft"]
+SUBCOMMANDS = ["bench", "decompose", "convergence", "memorise", "peft", "model-step", "paths"]
 # (argv of the option, attribute, value it sets, default)
 OPTIONS = [
     (["--device", "cpu"], "device", "cpu", None),
@@ -63,3 +64,13 @@ def test_skipped_backends_say_why(monkeypatch):
     assert validate.available_backends(cpu) == ["torch"]
     why = validate.skipped_backends(cpu)["triton"]
     assert "TRITON_INTERPRET=1" in why or why == "triton is not installed"
+
+
+def test_memorise_pool_option(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "m.json"
+    args = ["memorise", "--tiny", "--no-progress", "--pool", "2", "--methods", "head", "--lr", "head=0.1",
+            "--json", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["pool"] == 2 and set(result["methods"]) == {"head"}
