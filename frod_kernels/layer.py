@@ -390,8 +390,11 @@ class FRoDLinear(nn.Module):
         to keep a W' built now)."""
         key = ("train", self._cache_key(), dtype, self.backend)
         last, calls, per_build = self._uses
-        self._uses = (key, calls + 1, per_build) if key == last else (key, 1, max(calls, 1) if last else 1)
-        _, calls, per_build = self._uses
+        if key == last:
+            calls += 1
+        else:  # δ, s or W changed: the previous W' served ``calls`` calls
+            calls, per_build = 1, max(calls, 1) if last else 1
+        self._uses = (key, calls, per_build)
         cache = self._weight_cache
         if cache is not None and cache[0] == key:
             return key, cache[1], 0.0, False
@@ -493,7 +496,7 @@ class FRoDLinear(nn.Module):
         """
         if self.merged:
             return
-        self.clear_weight_cache()
+        self._weight_cache = None  # W' only: W is unchanged, so is the basis measurement
         w_eff = self.effective_weight()
         if safe and not bool(torch.isfinite(w_eff).all()):
             raise ValueError("merge refused: the merged weight would hold NaN or Inf (check delta and sparse_values)")
@@ -510,7 +513,7 @@ class FRoDLinear(nn.Module):
         """Undo ``merge``: the original weight object's data comes back untouched."""
         if not self.merged:
             return
-        self.clear_weight_cache()
+        self._weight_cache = None  # W' only: W is unchanged, so is the basis measurement
         if self.mode == "factored":
             del self._parameters["weight"]
         else:
