@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["frod_linear_reference", "relative_error", "rotation_matrix"]
+__all__ = ["error_tolerance", "frod_linear_reference", "relative_error", "rotation_matrix"]
 
 
 def rotation_matrix(delta: torch.Tensor, sparse_indices: torch.Tensor, sparse_values: torch.Tensor) -> torch.Tensor:
@@ -43,3 +43,10 @@ def relative_error(value: torch.Tensor, ref: torch.Tensor) -> float:
     this oracle."""
     ref = ref.double()
     return float((value.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+
+
+def error_tolerance(plain_error: float, dtype: torch.dtype) -> float:
+    """The largest relative error a computation in ``dtype`` may have against this oracle in float64:
+    2 × ``plain_error`` (this oracle's own error when run in ``dtype``) + eps(dtype), with 16·eps in
+    float64, where the oracle *is* the reference, plain_error is 0 and only reordering is left."""
+    return 2.0 * plain_error + torch.finfo(dtype).eps * (16.0 if dtype == torch.float64 else 1.0)

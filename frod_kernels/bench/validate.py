@@ -9,7 +9,7 @@ T ∈ {y, dx, dδ, ds, db} is compared with the float64 reference by its relativ
 The criterion is relative to what plain PyTorch achieves in the same dtype: the reference formula
 (W' materialised, autograd) run in that dtype has error err_plain(T), and a kernel passes when
 err(T) ≤ 2·err_plain(T) + atol, atol = eps(dtype) (16·eps in float64, where the plain run *is* the
-reference and err_plain = 0).
+reference and err_plain = 0): ``reference.error_tolerance``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..decomposition import joint_decompose
 from ..dispatch import choose_backend
 from ..functional import frod_linear
 from ..pattern import sample_sparse_pattern
-from ..reference import frod_linear_reference, relative_error
+from ..reference import error_tolerance, frod_linear_reference, relative_error
 
 __all__ = ["PATHS", "TENSORS", "available_backends", "relative_error", "skipped_backends", "validate"]
 
@@ -82,7 +82,6 @@ def validate(
 ) -> list[dict]:
     """One row per (backend, path, shape): errors per tensor, plain-PyTorch errors, pass/fail."""
     rows = []
-    atol = torch.finfo(dtype).eps * (16.0 if dtype == torch.float64 else 1.0)
     for o, n, lead in shapes:
         p = _problem(o, n, lead, rate, seed, device)
         exact = _outputs(frod_linear_reference, p, torch.float64)
@@ -97,7 +96,7 @@ def validate(
 
                 got = _outputs(ours, p, dtype)
                 err = {t: relative_error(got[t], exact[t]) for t in TENSORS}
-                tol = {t: 2.0 * plain_err[t] + atol for t in TENSORS}
+                tol = {t: error_tolerance(plain_err[t], dtype) for t in TENSORS}
                 rows.append({
                     "backend": backend, "path": path, "shape": {"o": o, "n": n, "x": [*lead, n]},
                     "dtype": str(dtype).removeprefix("torch."), "errors": err, "plain_errors": plain_err,
