@@ -129,7 +129,7 @@ def _basis_hash(basis: FRoDBasis) -> str:
 
 def _current_fingerprint(basis: FRoDBasis, layers: list[FRoDLinear]) -> str | None:
     """The fingerprint of the base weights the layers hold now (None in factored mode: no W)."""
-    weights = [layer._base_weight() for layer in layers]
+    weights = [layer.base_weight for layer in layers]
     if any(w is None for w in weights):
         return basis.fingerprint
     return weight_fingerprint(weights)

@@ -27,10 +27,13 @@ from .decomposition import ALGORITHM_VERSION, joint_decompose, validate_reg
 from .dispatch import BACKENDS, PATHS
 from .fingerprint import weight_fingerprint
 from .functional import compute_dtype, frod_linear, frod_linear_reusing
+from .layer_state import BaseProvenance, BasisGate, WeightCache, state_key
+from .options import check_choice
 from .pattern import SparsePattern, sample_sparse_pattern, validate_sparse_rate
-from .reference import relative_error, rotation_matrix
+from .reference import error_tolerance, relative_error, rotation_matrix
 
-__all__ = ["MODES", "FRoDBasis", "FRoDLinear", "FactoredWeight"]
+__all__ = ["CACHED_WEIGHT", "MERGED", "MERGED_MARKER", "MODES", "REUSED_WEIGHT", "FRoDBasis", "FRoDLinear",
+           "FactoredWeight"]
 
 MODES = ("additive", "factored")
 
@@ -41,7 +44,7 @@ class FRoDBasis(nn.Module):
     def __init__(
         self, V: torch.Tensor, sparse_indices: torch.Tensor, sparse_rate: float, seed: int, reg: float,
         name: str = "", *, base_seed: int | None = None, source: str = "given", fingerprint: str | None = None,
-        max_error: float = 0.0, jitter: float = 0.0,
+        max_error: float = 0.0, jitter: float = 0.0, fingerprint_dtype: torch.dtype | None = None,
     ) -> None:
         """Args beyond V and Ω record where the basis came from, for adapters and summaries:
 
@@ -49,7 +52,8 @@ class FRoDBasis(nn.Module):
         from (None for a layer built on its own); reg: α of the decomposition; source:
         ``"joint_decompose"`` when V is a function of the category's base weights (rebuilt on
         load), ``"given"`` when the caller supplied it; fingerprint: of the base weights V was
-        computed from (``fingerprint.weight_fingerprint``); max_error, jitter: the decomposition's.
+        computed from (``fingerprint.weight_fingerprint``) and fingerprint_dtype, their dtype then
+        (default: V's); max_error, jitter: the decomposition's.
         """
         super().__init__()
         n = V.shape[0]
@@ -61,6 +65,22 @@ class FRoDBasis(nn.Module):
         self.base_seed, self.source, self.fingerprint = base_seed, source, fingerprint
         self.algorithm = ALGORITHM_VERSION if source == "joint_decompose" else None
         self.max_error, self.jitter = max_error, jitter
+        # Ω on the host, outside the module's tensors: the device buffers are rebuilt from it after
+        # every conversion, so no conversion (``to_empty`` above all) can leave the sparse kernels
+        # an uninitialised pattern to read.
+        self._host_indices = pattern.indices.detach().cpu().clone()
+        self.fingerprint_dtype = V.dtype if fingerprint_dtype is None else fingerprint_dtype
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        pattern = SparsePattern.from_indices(self._host_indices, self.n)
+        for field, tensor in zip(SparsePattern._fields, pattern, strict=True):
+            setattr(self, field, tensor.to(self.V.device))
+        return self
+
+    def set_V(self, V: torch.Tensor) -> None:
+        """Install a recomputed V (same shape), column-major like the original."""
+        self.V = V.detach().to(device=self.V.device, dtype=self.V.dtype).t().contiguous().t()
 
     @property
     def pattern(self) -> SparsePattern:
@@ -120,24 +140,44 @@ class FactoredWeight:
         return f"FactoredWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
 
+# How a call was computed (``FRoDLinear.last_path``), beside the dispatcher's 'token', 'weight', 'basis'.
+MERGED = "merged"
+CACHED_WEIGHT = "cached W'"
+REUSED_WEIGHT = "weight, reused W'"
+
+# The key that marks a layer's entries in a merged checkpoint (``export.frod_checkpoint_state_dict``):
+# ``weight`` there is W' in the replaced module's layout, beside δ and s.
+MERGED_MARKER = "frod_merged"
+
+# ``nn.Module.to_empty`` converts with a lambda that allocates without copying: its code objects.
+_TO_EMPTY_CODE = tuple(c for c in nn.Module.to_empty.__code__.co_consts if hasattr(c, "co_code"))
+
+
+def _converts_to_empty(fn) -> bool:
+    return getattr(fn, "__code__", None) in _TO_EMPTY_CODE
+
+
 class FRoDLinear(nn.Module):
     """y = x·(W + U·(diag(δ)+S)·Vᵀ)ᵀ + b; build it with ``FRoDLinear.from_linear``.
 
     Attributes as ``nn.Linear``: ``in_features`` (n), ``out_features`` (o), ``weight`` (o, n; a
     ``FactoredWeight`` in factored mode while unmerged), ``bias``. Also ``backend`` and ``path`` (see
-    ``frod_linear``), ``exact`` (see below) and ``cache_weight`` (W' reuse, below), settable at any
-    time, ``merged``, ``last_path`` (how the last call was computed: 'token', 'weight', 'weight,
-    reused W'', 'basis', 'cached W'' or 'merged'), and ``base_class``: the class of the module this
-    layer replaced (``nn.Linear``, or transformers' ``Conv1D``), which ``unload_frod`` gives back.
+    ``frod_linear``), ``exact`` (see below) and ``cache_weight`` (W' reuse, ``layer_state.WeightCache``),
+    settable at any time, ``merged``, ``last_path`` (how the last call was computed: 'token',
+    'weight', ``REUSED_WEIGHT``, 'basis', ``CACHED_WEIGHT`` or ``MERGED``), ``base_weight`` (W, read
+    only; None in factored mode), and ``base_class``: the class of the module this layer replaced
+    (``nn.Linear``, or transformers' ``Conv1D``), which ``unload_frod`` gives back.
 
     The basis path and ``exact``: an additive layer can also compute with W = U·diag(λ)·Vᵀ, i.e.
     y = x·(U·(diag(λ+δ) + S)·Vᵀ)ᵀ + b (the factored computation), which skips the X·Wᵀ product
     (docs/design.md §5). It is the same function up to the decomposition's rounding in the compute
     dtype, so ``path='auto'`` takes it only where it is cheapest *and* that rounding is within the
-    package's error criterion: on a fixed probe, the basis output's error against float64 is at most
-    2× plain ``F.linear``'s own error in that dtype plus one ulp (``basis_deviation``, measured once
-    per dtype). ``exact=True`` forbids it: the layer then computes exactly what its formula says
-    in the compute dtype, bit-identical to the base layer while δ = s = 0.
+    package's error criterion (``reference.error_tolerance``) on a fixed probe (``basis_deviation``,
+    measured once per dtype). ``exact=True`` forbids it: the layer then computes exactly what its
+    formula says in the compute dtype, bit-identical to the base layer while δ = s = 0.
+
+    Execution state lives in ``layer_state`` objects (W' slot, basis gate, provenance of W);
+    ``_invalidate`` is the one place that drops it.
     """
 
     def __init__(
@@ -154,8 +194,7 @@ class FRoDLinear(nn.Module):
         exact: bool = False,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_choice("mode", mode, MODES)
         o, n = weight.shape
         if tuple(U.shape) != (o, n) or tuple(lam.shape) != (n,) or basis.n != n:
             raise ValueError(
@@ -168,9 +207,7 @@ class FRoDLinear(nn.Module):
         self.backend, self.path, self.exact = backend, path, bool(exact)
         self.merged = False
         self.cache_weight = True
-        self._weight_cache: tuple[tuple, torch.Tensor] | None = None
-        self._basis_checks: dict[torch.dtype, tuple[float, float, tuple]] = {}
-        self._uses: tuple[tuple | None, int, int] = (None, 0, 1)  # (key, calls with it, calls per W' so far)
+        self._cache, self._gate = WeightCache(), BasisGate()
         self.last_path: str | None = None
         self.base_class: type[nn.Module] = nn.Linear
         self._unmerged_weight: torch.Tensor | None = None
@@ -187,13 +224,14 @@ class FRoDLinear(nn.Module):
         pdtype = param_dtype or dtype
         self.delta = nn.Parameter(torch.zeros(n, dtype=pdtype, device=weight.device))
         self.sparse_values = nn.Parameter(torch.zeros(basis.k, dtype=pdtype, device=weight.device))
+        self._provenance = BaseProvenance(self.base_weight)
         self._measure_basis()
 
     def __setattr__(self, name: str, value) -> None:
-        if name == "backend" and value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
-        if name == "path" and value not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {value!r}")
+        if name == "backend":
+            check_choice("backend", value, BACKENDS)
+        elif name == "path":
+            check_choice("path", value, PATHS)
         super().__setattr__(name, value)
 
     def __getattr__(self, name: str):
@@ -246,6 +284,7 @@ class FRoDLinear(nn.Module):
             shared = FRoDBasis(
                 V.to(device=weight.device, dtype=weight.dtype), indices, sparse_rate, seed, reg, source=source,
                 fingerprint=weight_fingerprint([weight]), max_error=max_error, jitter=jitter,
+                fingerprint_dtype=weight.dtype,
             )
         return cls(weight, linear.bias, U, lam, shared, mode=mode, backend=backend, path=path,
                    param_dtype=param_dtype, exact=exact)
@@ -260,11 +299,32 @@ class FRoDLinear(nn.Module):
     def sparse_rate(self) -> float:
         return self.basis.sparse_rate
 
-    def _base_weight(self) -> torch.Tensor | None:
-        """The frozen base W (o, n), None in factored mode (whether merged or not)."""
+    @property
+    def base_weight(self) -> torch.Tensor | None:
+        """The frozen base W (o, n), whether merged or not; None in factored mode."""
         if self.mode == "factored":
             return None
         return self._unmerged_weight if self.merged else self.weight
+
+    @property
+    def base_is_original(self) -> bool:
+        """Whether W still holds the weights the basis was computed from (or a cast of them), as far as
+        this layer has seen every change to it (``layer_state.BaseProvenance``)."""
+        return self._provenance.derived_valid and self._provenance.is_original(self.base_weight)
+
+    @property
+    def basis_valid(self) -> bool:
+        """False after ``to('meta')``/``to_empty``, until the basis is rebuilt from real weights."""
+        return self._provenance.derived_valid
+
+    def require_basis(self) -> None:
+        """Raise unless U, λ and V hold values (they hold none after ``to('meta')`` or ``to_empty``)."""
+        if not self._provenance.derived_valid:
+            raise RuntimeError(
+                "this FRoDLinear's basis (U, λ, V) holds no values: the model went through to('meta') or "
+                "to_empty(). Load the base weights, then frod_kernels.load_frod(model, adapter) (it rebuilds the "
+                "basis from them and loads δ and s), or apply FRoD to the loaded base model again"
+            )
 
     def _diag(self) -> torch.Tensor:
         """The diagonal of M as the kernels see it: δ, or λ+δ in factored mode."""
@@ -277,23 +337,25 @@ class FRoDLinear(nn.Module):
             return torch.float32
         return torch.float64
 
+    def _rotated(self, diag: torch.Tensor, sparse_values: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        """U·(diag + S)·Vᵀ (+ base), formed in the accumulation dtype and rounded once to U's dtype."""
+        self.require_basis()
+        acc = self._accumulation_dtype()
+        m = rotation_matrix(diag.to(acc), self.basis.indices, sparse_values.to(acc))
+        w = self.U.to(acc) @ m @ self.basis.V.to(acc).mT
+        return (w if base is None else w + base.to(acc)).to(self.U.dtype)
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW = U·(diag(δ)+S)·Vᵀ (o, n), formed in float64 (float32 on a GPU for non-float64
         weights) and rounded once to the weight dtype."""
-        acc = self._accumulation_dtype()
-        m = rotation_matrix(self.delta.to(acc), self.basis.indices, self.sparse_values.to(acc))
-        return (self.U.to(acc) @ m @ self.basis.V.to(acc).mT).to(self.U.dtype)
+        return self._rotated(self.delta, self.sparse_values, None)
 
     def effective_weight(self) -> torch.Tensor:
         """W' = W + ΔW (additive) or U·(diag(λ+δ)+S)·Vᵀ (factored), formed as ``delta_weight`` is
         and rounded once."""
-        acc = self._accumulation_dtype()
-        m = rotation_matrix(self._diag().to(acc), self.basis.indices, self.sparse_values.to(acc))
-        w = self.U.to(acc) @ m @ self.basis.V.to(acc).mT
-        base = self._base_weight()
-        return (w if base is None else w + base.to(acc)).to(self.U.dtype)
+        return self._rotated(self._diag(), self.sparse_values, self.base_weight)
 
-    # -- the basis path: its deviation, measured once per compute dtype -----------------------------
+    # -- the basis path: its deviation, measured once per compute dtype (layer_state.BasisGate) ------
 
     _PROBE_ROWS = 64
 
@@ -303,32 +365,30 @@ class FRoDLinear(nn.Module):
 
         On a fixed probe X (64 rows, standard normal, rounded to ``dtype``), relative to the base
         layer in float64 (max|·| / max|y₆₄|, δ = s = 0): deviation = error of X·(U·diag(λ)·Vᵀ)ᵀ
-        computed the basis path's way in ``dtype``; tolerance = 2 × the error of plain
-        ``F.linear`` in ``dtype`` + eps(dtype) (16·eps in float64), the criterion of
-        ``frod_kernels.bench.validate``. Factored layers always compute this way: (0, inf).
-
+        computed the basis path's way in ``dtype``; tolerance = ``reference.error_tolerance`` of
+        plain ``F.linear``'s error in ``dtype``. Factored layers always compute this way: (0, inf).
         Measured again when the base weight changed since (its storage or version counter): U, λ
         and V no longer reproduce a changed W, and the measurement then says so.
         """
         dtype = dtype or self.U.dtype
         if self.mode == "factored":
             return 0.0, float("inf")
-        base = self._base_weight()
-        weight_key = (base.data_ptr(), base._version)
-        if self._basis_checks.get(dtype, (None, None, None))[2] != weight_key:
-            gen = torch.Generator().manual_seed(0)
-            probe = torch.randn(self._PROBE_ROWS, self.in_features, generator=gen, dtype=torch.float64)
-            x = probe.to(device=self.U.device, dtype=dtype)
-            exact = x.double() @ base.double().mT
-            plain = nn.functional.linear(x, base.to(dtype))
-            zeros = torch.zeros(self.k, dtype=dtype, device=x.device)
-            basis = frod_linear(x, None, None, self.U.to(dtype), self.basis.V.to(dtype), self.lam.to(dtype),
-                                self.basis.pattern, zeros, backend="torch", path="token")
-            atol = torch.finfo(dtype).eps * (16.0 if dtype == torch.float64 else 1.0)
-            self._basis_checks[dtype] = (
-                relative_error(basis, exact), 2.0 * relative_error(plain, exact) + atol, weight_key,
-            )
-        return self._basis_checks[dtype][:2]
+        self.require_basis()
+        base = self.base_weight
+        found = self._gate.measure(dtype, (base.data_ptr(), base._version), lambda: self._measure_in(dtype))
+        return found.deviation, found.tolerance
+
+    def _measure_in(self, dtype: torch.dtype) -> tuple[float, float]:
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randn(self._PROBE_ROWS, self.in_features, generator=gen, dtype=torch.float64)
+        x = probe.to(device=self.U.device, dtype=dtype)
+        base = self.base_weight
+        exact = x.double() @ base.double().mT
+        plain = nn.functional.linear(x, base.to(dtype))
+        zeros = torch.zeros(self.k, dtype=dtype, device=x.device)
+        basis = frod_linear(x, None, None, self.U.to(dtype), self.basis.V.to(dtype), self.lam.to(dtype),
+                            self.basis.pattern, zeros, backend="torch", path="token")
+        return relative_error(basis, exact), error_tolerance(relative_error(plain, exact), dtype)
 
     def _basis_lam(self, dtype: torch.dtype) -> torch.Tensor | None:
         """λ when this call may take the basis path (additive, not exact, deviation in tolerance)."""
@@ -339,101 +399,76 @@ class FRoDLinear(nn.Module):
         if torch.compiler.is_compiling():
             # No measuring inside a graph: the last eager measurement decides (loads, .to() and
             # clear_weight_cache() drop it, and then the compiled call stays exact).
-            check = self._basis_checks.get(dtype)
-            return self.lam if check is not None and check[0] <= check[1] else None
+            last = self._gate.last(dtype)
+            return self.lam if last is not None and last.within_tolerance else None
         deviation, tolerance = self.basis_deviation(dtype)
         return self.lam if deviation <= tolerance else None
 
-    # -- W' reuse: evaluation at the cost of a plain linear; gradient accumulation -----------------
-    #
-    # W' = W + U·M·Vᵀ changes only when δ, s or the base weight do. Two uses, one slot (at most one
-    # (o, n) tensor per layer, the size of a merged weight):
-    #   * evaluation (no gradients for δ and s): W' is built once as ``merge`` builds it
-    #     (``effective_weight``, rounded once, so cached and merged outputs are identical) and
-    #     y = x·W'ᵀ + b is a plain linear;
-    #   * training on the weight path: the W' a call built is kept and given to the next calls
-    #     while δ, s and W are unchanged (the micro-batches of gradient accumulation, activation
-    #     checkpointing's recomputation): bit-identical to building it again. It is kept only once
-    #     reuse has been seen (a second call with the same δ, s, or the previous ones served more
-    #     than one call), so that plain training, where every step changes δ, holds no extra W'
-    #     between steps. The cost model is charged 1/r of the build, r = calls per W' so far, so
-    #     that accumulation can make the weight path the cheapest.
-    # The key is the storage and version counter of δ, s, W, U and V (plus the compute dtype and
-    # backend): every in-place update through autograd-visible ops (optimizer steps, ``copy_``,
-    # ``load_state_dict``) bumps a version; ``.to()``, merge/unmerge and state-dict loads clear it.
-    # Writes through ``.data`` bypass version counters (as they bypass autograd's own checks): call
-    # ``clear_weight_cache()`` after them. ``cache_weight = False`` turns both uses off. Under
-    # torch.compile neither is used (the custom op is traced instead).
+    def _measure_basis(self) -> None:
+        """Measure the basis path's deviation now, in the weights' dtype, where that can be done:
+        a compiled forward cannot measure, and would otherwise stay on the exact paths after every
+        ``.to()``. Skipped without values (meta, ``to_empty``) and for sharded tensors (FSDP2's DTensors)."""
+        base = self.base_weight
+        if self.mode == "factored" or self.exact or base is None or not self._provenance.derived_valid:
+            return
+        if all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type != "meta" for t in (self.U, base)):
+            self.basis_deviation()
 
-    def _cache_key(self) -> tuple:
-        base = self._base_weight()
-        tensors = (self.delta, self.sparse_values, self.U, self.basis.V) + (() if base is None else (base,))
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    # -- the one place that drops execution state -----------------------------------------------
+
+    def _invalidate(self, measurements: bool = True) -> None:
+        """Drop the cached W' and, unless W is known unchanged (merge/unmerge), the basis measurements."""
+        self._cache.drop()
+        if measurements:
+            self._gate.reset()
 
     def clear_weight_cache(self) -> None:
-        """Drop the cached W' and the basis path's measurements (see above); the next call builds
-        and measures again. Needed only after writes that bypass version counters (``.data``)."""
-        self._weight_cache = None
-        self._basis_checks.clear()
+        """Drop the cached W' and the basis path's measurements; the next call builds and measures
+        again. Needed only after writes that bypass version counters and optimizers (``.data``)."""
+        self._invalidate()
 
-    def _cached_weight(self) -> torch.Tensor:
-        key = ("eval", self._cache_key())
-        cache = self._weight_cache
-        if cache is None or cache[0] != key:
-            self._weight_cache = None  # a stale W' is freed before the new one is built
-            with torch.no_grad():
-                self._weight_cache = cache = (key, self.effective_weight())
-        return cache[1]
-
-    def _reusable_weight(self, dtype: torch.dtype) -> tuple[tuple, torch.Tensor | None, float, bool]:
-        """(key, the W' the weight path may reuse or None, share of a new build to charge, whether
-        to keep a W' built now)."""
-        key = ("train", self._cache_key(), dtype, self.backend)
-        last, calls, per_build = self._uses
-        if key == last:
-            calls += 1
-        else:  # δ, s or W changed: the previous W' served ``calls`` calls
-            calls, per_build = 1, max(calls, 1) if last else 1
-        self._uses = (key, calls, per_build)
-        cache = self._weight_cache
-        if cache is not None and cache[0] == key:
-            return key, cache[1], 0.0, False
-        self._weight_cache = None  # stale: freed before the op builds the new one
-        return key, None, 1.0 / per_build, calls > 1 or per_build > 1
+    def _state_key(self, *extra) -> tuple:
+        base = self.base_weight
+        tensors = (self.delta, self.sparse_values, self.U, self.basis.V) + (() if base is None else (base,))
+        return (state_key(tensors), *extra)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.require_basis()
         if self.merged:
-            self.last_path = "merged"
+            self.last_path = MERGED
             return nn.functional.linear(x, self.weight, self.bias)
-        params_need_grad = torch.is_grad_enabled() and (self.delta.requires_grad or self.sparse_values.requires_grad)
+        training = torch.is_grad_enabled() and (self.delta.requires_grad or self.sparse_values.requires_grad)
         compiling = torch.compiler.is_compiling()
-        if self.cache_weight and not params_need_grad and not compiling:
-            w = self._cached_weight()
-            if isinstance(x, torch.Tensor) and x.dtype == w.dtype and x.device == w.device and x.dim() > 0 and (
-                x.shape[-1] == self.in_features
-            ):
-                self.last_path = "cached W'"
-                return nn.functional.linear(x, w, self.bias)
-            # anything unusual goes to frod_linear, which names the problem
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            return frod_linear(x, self._base_weight(), self.bias, self.U, self.basis.V, self._diag(),
+            return frod_linear(x, self.base_weight, self.bias, self.U, self.basis.V, self._diag(),
                                self.basis.pattern, self.sparse_values)  # names the problem
-        path = "token" if self.path == "basis" and self.mode == "factored" else self.path  # factored: the same
-        if self.exact and path == "basis":
-            raise ValueError("path='basis' computes with the decomposition's rounding; this layer has exact=True")
+        if self.cache_weight and not training and not compiling and self._is_plain_input(x):
+            self.last_path = CACHED_WEIGHT
+            return nn.functional.linear(x, self._cache.eval_weight(self._state_key(), self.effective_weight), self.bias)
         dtype = compute_dtype(x)
-        reuse = self.cache_weight and params_need_grad and not compiling
-        key, given, share, keep = self._reusable_weight(dtype) if reuse else (None, None, 1.0, False)
+        key = self._state_key(dtype, self.backend)
+        reuse = self.cache_weight and training and not compiling
+        given, share, keep = self._cache.training_slot(key) if reuse else (None, 1.0, False)
         y, taken, built = frod_linear_reusing(
-            x, self._base_weight(), self.bias, self.U, self.basis.V, self._diag(), self.basis.pattern,
-            self.sparse_values, backend=self.backend, path=path, lam=self._basis_lam(dtype),
+            x, self.base_weight, self.bias, self.U, self.basis.V, self._diag(), self.basis.pattern,
+            self.sparse_values, backend=self.backend, path=self._call_path(), lam=self._basis_lam(dtype),
             rotated_weight=given, weight_share=share,
         )
         if built is not None and keep:
-            self._weight_cache = (key, built)
+            self._cache.store(key, built)
         if not compiling:
-            self.last_path = "weight, reused W'" if taken == "weight" and given is not None else taken
+            self.last_path = REUSED_WEIGHT if taken == "weight" and given is not None else taken
         return y
+
+    def _is_plain_input(self, x: torch.Tensor) -> bool:
+        """x can meet the cached W' in a plain linear: W's dtype and device, last dim n (anything else goes
+        to ``frod_linear``, which names the problem)."""
+        return x.dim() > 0 and x.shape[-1] == self.in_features and x.dtype == self.U.dtype and x.device == self.U.device
+
+    def _call_path(self) -> str:
+        if self.path == "basis" and self.exact:
+            raise ValueError("path='basis' computes with the decomposition's rounding; this layer has exact=True")
+        return "token" if self.path == "basis" and self.mode == "factored" else self.path  # factored: the same
 
     # -- state dicts: always (W, b, δ, s), whether merged or not ------------------------------------
     #
@@ -441,6 +476,9 @@ class FRoDLinear(nn.Module):
     # on load. So the state dict of a merged layer holds the base W (additive) or no weight
     # (factored), exactly as when unmerged, and loading into a merged layer unmerges it, loads, and
     # merges again with the new δ and s: a checkpoint restores the trained function either way.
+    # A merged checkpoint (``MERGED_MARKER`` beside W', δ and s: what ``save_pretrained`` and the HF
+    # Trainer write) loads too: its W' is checked against this layer's W with its δ and s, and only
+    # δ and s are taken, so a resumed run continues from exactly the saved state.
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -454,10 +492,22 @@ class FRoDLinear(nn.Module):
                               error_msgs):
         merged = self.merged
         self.unmerge()
-        self.clear_weight_cache()
+        base = self.base_weight
+        was_original = self._provenance.is_original(base)
+        if prefix + MERGED_MARKER in state_dict:
+            state_dict = self._from_merged_checkpoint(state_dict, prefix, error_msgs)
+        incoming = state_dict.get(prefix + "weight")
+        # Loading the values W already holds (a full checkpoint of this model) keeps its provenance.
+        unchanged = base is None or incoming is None or (
+            isinstance(incoming, torch.Tensor) and incoming.shape == base.shape and incoming.dtype == base.dtype
+            and torch.equal(incoming.to(base.device), base)
+        )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
         )
+        if self._provenance.derived_valid:
+            self._provenance.carry(was_original and unchanged, self.base_weight)
+        self._invalidate()
         if merged:
             try:
                 self.merge()
@@ -465,25 +515,67 @@ class FRoDLinear(nn.Module):
                 error_msgs.append(f"{prefix or 'FRoDLinear'}: loaded, but could not merge again: {exc}")
         self._measure_basis()  # for the loaded W
 
+    def _from_merged_checkpoint(self, state_dict, prefix: str, error_msgs: list[str]) -> dict:
+        """This layer's entries of a merged checkpoint as a FRoD state dict: (W, b, δ, s) with W the
+        layer's own, after checking that W with the checkpoint's δ and s gives the checkpoint's W'
+        (within 2 ulp: the same on the same machine; another BLAS may round W' differently)."""
+        own = {key: value for key, value in state_dict.items()
+               if key.startswith(prefix) and "." not in key[len(prefix):] and key != prefix + MERGED_MARKER}
+        merged_weight, delta, values = (own.get(prefix + key) for key in ("weight", "delta", "sparse_values"))
+        where = prefix[:-1] or "FRoDLinear"
+        if not all(isinstance(t, torch.Tensor) for t in (merged_weight, delta, values)):
+            error_msgs.append(f"{where}: a merged checkpoint entry needs weight, delta and sparse_values")
+            return own
+        if self.base_class is not nn.Linear:  # Conv1D stores Wᵀ
+            merged_weight = merged_weight.mT
+        if (tuple(merged_weight.shape) != (self.out_features, self.in_features) or delta.shape != self.delta.shape
+                or values.shape != self.sparse_values.shape):
+            error_msgs.append(f"{where}: merged checkpoint shapes do not fit this layer")
+            return own
+        with torch.no_grad():
+            device = self.U.device
+            diag = delta.to(device) + (self.lam if self.mode == "factored" else 0)
+            expected = self._rotated(diag, values.to(device), self.base_weight)
+            got = merged_weight.to(device=device, dtype=expected.dtype)
+            scale = float(expected.abs().max()) if expected.numel() else 0.0
+            if float((got - expected).abs().max(initial=0.0)) > 2 * torch.finfo(expected.dtype).eps * scale:
+                error_msgs.append(
+                    f"{where}: the checkpoint's merged weight is not this layer's base weight with the checkpoint's "
+                    f"delta and sparse_values: it was written from another base model (load it into that base)"
+                )
+                return own
+        if self.base_weight is None:
+            own.pop(prefix + "weight")
+        else:
+            own[prefix + "weight"] = self.base_weight
+        return own
+
     def _apply(self, fn, recurse: bool = True):
         # The weight kept for unmerge is a plain attribute: convert it with the module so that
-        # .to(device/dtype) while merged does not leave it behind.
+        # .to(device/dtype) while merged does not leave it behind. A conversion keeps W's values
+        # (so its provenance), except to_empty and anything from or to meta, which keep none.
+        was_original = self._provenance.is_original(self.base_weight)
+        loses_values = _converts_to_empty(fn) or self.U.device.type == "meta"
         super()._apply(fn, recurse)
-        self.clear_weight_cache()  # W' and the basis measurements were for the old dtype and device
         if self._unmerged_weight is not None:
             self._unmerged_weight = fn(self._unmerged_weight)
+        if loses_values or self.U.device.type == "meta":
+            self._provenance.lose_derived()
+        else:
+            self._provenance.carry(was_original, self.base_weight)
+        self._invalidate()  # W' and the basis measurements were for the old dtype and device
         self._measure_basis()
         return self
 
-    def _measure_basis(self) -> None:
-        """Measure the basis path's deviation now, in the weights' dtype, where that can be done:
-        a compiled forward cannot measure, and would otherwise stay on the exact paths after every
-        ``.to()``. Skipped for tensors without data (meta) or sharded ones (FSDP2's DTensors)."""
-        base = self._base_weight()
-        if self.mode == "factored" or self.exact or base is None:
-            return
-        if all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type != "meta" for t in (self.U, base)):
-            self.basis_deviation()
+    @torch.no_grad()
+    def rebuild_basis(self, U: torch.Tensor, lam: torch.Tensor) -> None:
+        """Install U and λ recomputed from the current W (``load_frod`` after ``to_empty``; the caller
+        sets the category's V with ``FRoDBasis.set_V``). W then counts as the original again."""
+        self.U = U.detach().to(device=self.U.device, dtype=self.U.dtype).t().contiguous().t()
+        self.lam = lam.detach().to(device=self.lam.device, dtype=self.lam.dtype)
+        self._provenance.restore(self.base_weight)
+        self._invalidate()
+        self._measure_basis()
 
     # -- merge ----------------------------------------------------------------------------------
 
@@ -496,10 +588,11 @@ class FRoDLinear(nn.Module):
         """
         if self.merged:
             return
-        self._weight_cache = None  # W' only: W is unchanged, so is the basis measurement
         w_eff = self.effective_weight()
         if safe and not bool(torch.isfinite(w_eff).all()):
             raise ValueError("merge refused: the merged weight would hold NaN or Inf (check delta and sparse_values)")
+        was_original = self._provenance.is_original(self.base_weight)
+        self._invalidate(measurements=False)  # W' only: W is unchanged, so is the basis measurement
         if self.mode == "factored":
             # Registered directly: register_parameter would see the FactoredWeight stand-in.
             self._parameters["weight"] = nn.Parameter(w_eff, requires_grad=False)
@@ -507,19 +600,22 @@ class FRoDLinear(nn.Module):
             self._unmerged_weight = self.weight.data
             self.weight.data = w_eff
         self.merged = True
+        self._provenance.carry(was_original, self.base_weight)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo ``merge``: the original weight object's data comes back untouched."""
         if not self.merged:
             return
-        self._weight_cache = None  # W' only: W is unchanged, so is the basis measurement
+        was_original = self._provenance.is_original(self.base_weight)
+        self._invalidate(measurements=False)  # W' only: W is unchanged, so is the basis measurement
         if self.mode == "factored":
             del self._parameters["weight"]
         else:
             self.weight.data = self._unmerged_weight
         self._unmerged_weight = None
         self.merged = False
+        self._provenance.carry(was_original, self.base_weight)
 
     @torch.no_grad()
     def to_linear(self, merge: bool = True) -> nn.Linear:
@@ -530,9 +626,9 @@ class FRoDLinear(nn.Module):
         if merge:
             w = self.weight.data if self.merged else self.effective_weight()
         elif self.mode == "additive":
-            w = self._base_weight().data
+            w = self.base_weight.data
         else:
-            w = ((self.U.double() * self.lam.double()) @ self.basis.V.double().mT).to(self.U.dtype)
+            w = self._rotated(self.lam, torch.zeros_like(self.sparse_values), None)
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         lin.weight = nn.Parameter(w, requires_grad=False)
         if self.bias is not None:

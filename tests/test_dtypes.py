@@ -36,7 +36,7 @@ def _layer(mode: str = "additive", dtype=torch.float32, device="cpu", param_dtyp
 
 def _reference_grads(layer: fk.FRoDLinear, x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype):
     """y, dx, dδ, ds of ``frod_linear_reference`` with every tensor in ``dtype`` (autograd)."""
-    weight = layer._base_weight()
+    weight = layer.base_weight
     cast = [None if t is None else t.detach().to(dtype) for t in (weight, layer.bias, layer.U, layer.basis.V)]
     xd = x.detach().to(dtype).requires_grad_()
     delta = layer._diag().detach().to(dtype).requires_grad_()

@@ -142,9 +142,8 @@ def test_exact_layers_are_bit_exact_at_init():
 
 def test_deviation_outside_tolerance_keeps_auto_exact():
     layer, x = _up_projection()
-    layer.basis_deviation()
-    check = layer._basis_checks[torch.float32]
-    layer._basis_checks[torch.float32] = (1e-3, 1e-6, check[2])  # as if measured on a poor basis
+    layer._measure_in = lambda dtype: (1e-3, 1e-6)  # as if measured on a poor basis
+    layer.clear_weight_cache()
     layer(x)
     assert layer.last_path == "token"
     layer.path = "basis"  # forced: the caller's choice
@@ -173,7 +172,7 @@ def test_basis_deviation_float64_and_factored():
     assert deviation < 1e-13 and tolerance == 16 * torch.finfo(torch.float64).eps
     assert _layer(mode="factored").basis_deviation() == (0.0, float("inf"))
     layer.float()
-    assert set(layer._basis_checks) == {torch.float32}  # .to() measures again, for the new dtype
+    assert layer._gate.dtypes() == {torch.float32}  # .to() measures again, for the new dtype
 
 
 def test_summary_reports_the_basis_deviation():
@@ -307,7 +306,7 @@ def test_plain_training_keeps_no_weight_between_steps():
         opt.zero_grad()
         layer(torch.randn(4, 10)).square().sum().backward()
         opt.step()
-        assert layer._weight_cache is None and layer.last_path == "weight"
+        assert layer._cache.weight is None and layer.last_path == "weight"
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -336,7 +335,7 @@ def test_compiled_training_does_not_cache():
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x = torch.randn(4, 10)
     compiled(x).sum().backward()
-    assert layer._weight_cache is None and layer.delta.grad is not None
+    assert layer._cache.weight is None and layer.delta.grad is not None
 
 
 def test_autocast_keys_the_reused_weight_by_compute_dtype():
@@ -347,9 +346,9 @@ def test_autocast_keys_the_reused_weight_by_compute_dtype():
         layer(x)
         layer(x)
     assert y.dtype == torch.bfloat16 and layer.last_path == "weight, reused W'"
-    assert layer._weight_cache[1].dtype == torch.bfloat16
+    assert layer._cache.weight.dtype == torch.bfloat16
     _step(layer, x, gy)  # float32 now: a new W'
-    assert layer.last_path == "weight" and layer._weight_cache[1].dtype == torch.float32
+    assert layer.last_path == "weight" and layer._cache.weight.dtype == torch.float32
 
 
 def test_reusing_entry_point_checks_the_given_weight():
@@ -394,14 +393,14 @@ def test_compiled_calls_use_the_measurement_taken_eagerly():
     basis path; after clear_weight_cache() it stays exact until an eager call measures again."""
     layer, x = _up_projection()
     layer.double().float()
-    assert torch.float32 in layer._basis_checks  # measured by .to(), not by a forward
+    assert torch.float32 in layer._gate.dtypes()  # measured by .to(), not by a forward
     layer.load_state_dict(layer.state_dict())
-    assert torch.float32 in layer._basis_checks
+    assert torch.float32 in layer._gate.dtypes()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     y = compiled(x)
     torch.testing.assert_close(y, nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
     layer.clear_weight_cache()
-    assert not layer._basis_checks
+    assert not layer._gate.dtypes()
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(layer, backend="aot_eager", fullgraph=True)(x),
                                nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)

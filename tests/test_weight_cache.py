@@ -25,7 +25,7 @@ X = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(1))
 
 def _expected(layer: fk.FRoDLinear) -> torch.Tensor:
     with torch.no_grad():
-        base = layer._base_weight()
+        base = layer.base_weight
         diag = layer._diag()
         return frod_linear_reference(X.double(), None if base is None else base.double(), layer.bias.double(),
                                      layer.U.double(), layer.basis.V.double(), diag.double(), layer.basis.indices,
@@ -119,7 +119,7 @@ def test_compiled_model_does_not_use_the_cache():
     with torch.no_grad():
         y = compiled(X)
     torch.testing.assert_close(y, _expected(layer), rtol=1e-5, atol=1e-5)
-    assert layer._weight_cache is None
+    assert layer._cache.weight is None
 
 
 def test_accumulation_dtype():
