@@ -4,36 +4,30 @@ rotational degrees of freedom). See docs/design.md for the maths and README.md f
 Layout: ``decomposition`` (joint basis), ``pattern`` (Ω), ``reference`` (the dense oracle),
 ``backends`` (primitives: PyTorch, Triton), ``dispatch`` (backend/path choice), ``ops`` (custom
 ops and the autograd formula), ``functional`` (``frod_linear``), ``layer`` (``FRoDLinear``),
-``model`` (``apply_frod`` and friends), ``config`` (``FRoDConfig``), ``adapter`` (state dicts and
-files), ``export`` (merged checkpoints), ``fingerprint`` (of the base weights), ``peft`` (PEFT's FRoD
-on our kernels; imported on demand).
+``layer_state`` (its W' cache, basis gate, base provenance), ``targets`` (finding and replacing
+modules), ``model`` (``apply_frod`` and friends), ``summary`` (what it reports), ``config``
+(``FRoDConfig``), ``options`` (enumerated options), ``adapter`` (state dicts and files),
+``export`` (merged checkpoints, what ``save_pretrained`` writes), ``loading`` (``load_frod``),
+``fingerprint`` (of the base weights), ``peft`` (PEFT's FRoD on our kernels; imported on demand).
 """
 
-from .adapter import frod_state_dict, load_frod, load_frod_state_dict, save_frod
+from .adapter import frod_state_dict, load_frod_state_dict, save_frod
 from .config import FRoDConfig
 from .decomposition import JointBasis, joint_decompose
 from .export import merged_state_dict, save_pretrained
 from .functional import frod_linear
 from .layer import FRoDBasis, FRoDLinear
-from .model import (
-    FRoDCheckpointWarning,
-    FRoDSummary,
-    apply_frod,
-    frod_layers,
-    frod_param_groups,
-    merge_frod,
-    print_trainable_parameters,
-    trainable_parameters,
-    unload_frod,
-    unmerge_frod,
-)
+from .loading import load_frod
+from .model import FRoDCategoryWarning, apply_frod, frod_param_groups, merge_frod, unload_frod, unmerge_frod
 from .pattern import SparsePattern, sample_sparse_pattern
+from .summary import FRoDSummary, print_trainable_parameters, trainable_parameters
+from .targets import frod_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FRoDBasis",
-    "FRoDCheckpointWarning",
+    "FRoDCategoryWarning",
     "FRoDConfig",
     "FRoDLinear",
     "FRoDSummary",

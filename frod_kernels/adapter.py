@@ -4,15 +4,13 @@ An adapter holds only what training changed (δ and s of every FRoD layer, plus 
 parameter left trainable, e.g. a task head, listed as ``extra``) and, per category, everything
 the basis is a function of: its layers, shape, sparse rate, pattern seed (and the user's base
 seed), reg, mode, the decomposition's algorithm version, a hash of Ω and a full fingerprint of
-the base weights (``fingerprint``). U, V, λ and Ω are recomputed from the base model on load
-(bit-identically on the same machine). A model whose weights, shapes, pattern, reg or algorithm
-differ is refused with an error that says which, before anything in it changes: δ and s mean
-something only in the basis that produced them, so a loaded model computes exactly the saved
-function or the load fails.
+the base weights, in its dtype and rounded to each narrower one a user may load the same base in
+(``fingerprint.fingerprints_by_dtype``: a cast is not a new base). U, V, λ and Ω are recomputed
+from the base model on load (bit-identically on the same machine); ``loading.load_frod`` refuses a
+model whose weights, shapes, pattern, reg or algorithm differ, with an error that says which.
 
-Every load is transactional: on any refusal the model is left exactly as it was (FRoD not
-applied, flags and values untouched). Loading into a merged model unmerges the affected layers,
-loads, and merges them again with the new δ and s.
+This module is the format: the state dicts, the file (``save_frod``, ``read_adapter``) and the
+per-category description (``describe_categories``).
 """
 
 from __future__ import annotations
@@ -27,16 +25,17 @@ import torch
 from torch import nn
 
 from .config import FRoDConfig
-from .decomposition import ALGORITHM_VERSION
-from .fingerprint import weight_fingerprint
-from .layer import MODES, FRoDBasis, FRoDLinear
-from .model import CategorySpec, ModelTransaction, apply_categories, frod_categories, frod_layers, frod_param_ids
-from .pattern import sample_sparse_pattern
+from .fingerprint import dtype_name, weight_fingerprint
+from .layer import FRoDBasis, FRoDLinear
+from .targets import frod_categories, frod_layers, frod_param_ids
 
-__all__ = ["frod_state_dict", "load_frod", "load_frod_state_dict", "save_frod"]
+__all__ = [
+    "ADAPTER_FILE", "CONFIG_FILE", "base_fingerprints", "describe_categories", "frod_keys", "frod_state_dict",
+    "load_frod_state_dict", "pattern_hash", "read_adapter", "save_frod",
+]
 
 _FORMAT = "frod_kernels.adapter"
-_VERSION = "2"
+_VERSION = "3"  # 3: base fingerprints by dtype ("fingerprints"); 2 (still read): one, of unrecorded dtype
 _FROD_KEYS = ("delta", "sparse_values")
 
 # Per category: key -> accepted JSON types (None allowed where the second entry is type(None)).
@@ -44,11 +43,11 @@ _CATEGORY_SCHEMA: dict[str, tuple[type, ...]] = {
     "layers": (list,), "out_features": (int,), "in_features": (int,), "k": (int,),
     "sparse_rate": (int, float), "seed": (int,), "base_seed": (int, type(None)), "reg": (int, float),
     "mode": (str,), "source": (str,), "algorithm": (int, type(None)), "pattern": (str,),
-    "fingerprint": (str, type(None)), "basis": (str, type(None)),
+    "fingerprints": (dict,), "basis": (str, type(None)),
 }
 
 
-def _frod_keys(layer_names) -> set[str]:
+def frod_keys(layer_names) -> set[str]:
     """State-dict keys of δ and s of the named layers (a layer that is the model itself has name '')."""
     return {f"{name}.{key}" if name else key for name in layer_names for key in _FROD_KEYS}
 
@@ -77,14 +76,14 @@ def load_frod_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     layers = frod_layers(model)
     if not layers:
         raise ValueError("the model has no FRoD layers (call apply_frod first)")
-    frod_keys = _frod_keys(layers)
-    missing = sorted(k for k in frod_keys if k not in state_dict)
+    layer_keys = frod_keys(layers)
+    missing = sorted(k for k in layer_keys if k not in state_dict)
     if missing:
         raise ValueError(f"adapter lacks {len(missing)} FRoD tensors, e.g. {missing[:3]}")
     for name, tensor in state_dict.items():
         if name not in params:
             raise ValueError(f"adapter tensor {name!r} matches no parameter of the model")
-        if name not in frod_keys and not params[name].requires_grad:
+        if name not in layer_keys and not params[name].requires_grad:
             raise ValueError(
                 f"adapter tensor {name!r} is neither a FRoD tensor nor a trainable parameter of the model; an "
                 f"adapter may not overwrite frozen weights (unfreeze it first if it is a head you trained)"
@@ -119,7 +118,8 @@ def load_frod_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             raise
 
 
-def _pattern_hash(indices: torch.Tensor) -> str:
+def pattern_hash(indices: torch.Tensor) -> str:
+    """A short hash of Ω, as adapters record it."""
     return hashlib.sha256(indices.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -127,33 +127,42 @@ def _basis_hash(basis: FRoDBasis) -> str:
     return weight_fingerprint([basis.V])
 
 
-def _current_fingerprint(basis: FRoDBasis, layers: list[FRoDLinear]) -> str | None:
-    """The fingerprint of the base weights the layers hold now (None in factored mode: no W)."""
+def base_fingerprints(name: str, basis: FRoDBasis, layers: list[FRoDLinear]) -> dict[str, str]:
+    """The fingerprints of the base weights the category's basis was computed from (by dtype, see
+    ``fingerprint.fingerprints_by_dtype``); refuses a category whose weights changed since other than
+    by a cast (the basis would no longer be a function of the weights it sits on)."""
+    for layer in layers:
+        if not layer.basis_valid:
+            raise ValueError(
+                f"category {name!r}: its basis holds no values (the model went through to('meta') or to_empty()); "
+                f"load the base weights and the adapter with load_frod first"
+            )
     weights = [layer.base_weight for layer in layers]
-    if any(w is None for w in weights):
-        return basis.fingerprint
-    return weight_fingerprint(weights)
+    if any(w is None for w in weights) or all(layer.base_is_original for layer in layers):
+        return dict(basis.fingerprints)  # factored (no W: the record), or W as decomposed, possibly cast
+    own = dtype_name(weights[0].dtype)
+    if own in basis.fingerprints and weight_fingerprint(weights) == basis.fingerprints[own]:
+        return dict(basis.fingerprints)  # the same values written back (a full checkpoint of this model)
+    applied = ", ".join(sorted(basis.fingerprints)) or "another dtype"
+    how = "changed" if own in basis.fingerprints else f"were changed (they are {own}, FRoD was applied to {applied})"
+    raise ValueError(
+        f"category {name!r}: its base weights {how} after FRoD was applied, other than by casting the model (the "
+        f"basis V was computed from other weights); re-apply FRoD to the new base model instead of saving this one"
+    )
 
 
-def _describe(model: nn.Module) -> dict[str, dict]:
-    """The per-category metadata of an adapter; refuses a model whose base weights changed after
-    its basis was computed (the basis would no longer be a function of the weights it sits on)."""
+def describe_categories(model: nn.Module) -> dict[str, dict]:
+    """The per-category metadata of an adapter of ``model`` (see the module docstring)."""
     all_layers = frod_layers(model)
     cats: dict[str, dict] = {}
     for name, (basis, names) in frod_categories(model).items():
         layers = [all_layers[n] for n in names]
-        fingerprint = _current_fingerprint(basis, layers)
-        if basis.fingerprint is not None and fingerprint != basis.fingerprint:
-            raise ValueError(
-                f"category {name!r}: its base weights changed after FRoD was applied (the basis V was computed "
-                f"from other weights); re-apply FRoD to the new base model instead of saving this one"
-            )
         first = layers[0]
         cats[name] = {
             "layers": names, "out_features": first.out_features, "in_features": first.in_features, "k": basis.k,
             "sparse_rate": basis.sparse_rate, "seed": basis.seed, "base_seed": basis.base_seed, "reg": basis.reg,
             "mode": first.mode, "source": basis.source, "algorithm": basis.algorithm,
-            "pattern": _pattern_hash(basis.indices), "fingerprint": fingerprint,
+            "pattern": pattern_hash(basis.indices), "fingerprints": base_fingerprints(name, basis, layers),
             "basis": _basis_hash(basis) if basis.source == "given" else None,
         }
     return cats
@@ -181,11 +190,11 @@ def save_frod(model: nn.Module, path: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.contiguous() for k, v in frod_state_dict(model).items()}
-    cats = _describe(model)
-    frod_keys = _frod_keys(name for c in cats.values() for name in c["layers"])
+    cats = describe_categories(model)
+    layer_keys = frod_keys(name for c in cats.values() for name in c["layers"])
     description = {
         "format": _FORMAT, "version": _VERSION, "categories": cats,
-        "extra": sorted(k for k in tensors if k not in frod_keys),
+        "extra": sorted(k for k in tensors if k not in layer_keys),
         "configs": [c.to_dict() for c in getattr(model, "frod_configs", [])],
     }
     # safetensors metadata is str -> str: the JSON parts are stored as JSON text.
@@ -206,11 +215,19 @@ def _write_atomically(path: Path, write) -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from a shared cluster's group
         write(tmp)
         _fsync(tmp)  # the bytes are on disk before the rename makes them the adapter
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, the only portable way, and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:
@@ -221,8 +238,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _parse_metadata(path: Path, metadata: dict) -> tuple[dict[str, dict], list[str]]:
-    """(categories, extra keys) from the file's metadata, every field checked for its type."""
+def _parse_metadata(path: Path, metadata: dict, version: str) -> tuple[dict[str, dict], list[str]]:
+    """(categories, extra keys) from the file's metadata, every field checked for its type; a format-2
+    category's one fingerprint becomes ``{"any": fingerprint}``."""
 
     def damaged(what: str) -> ValueError:
         return ValueError(f"{path} has damaged FRoD metadata: {what}")
@@ -240,6 +258,9 @@ def _parse_metadata(path: Path, metadata: dict) -> tuple[dict[str, dict], list[s
     for name, cat in cats.items():
         if not isinstance(cat, dict):
             raise damaged(f"category {name!r} must be a JSON object, got {type(cat).__name__}")
+        if version == "2" and "fingerprint" in cat:
+            old = cat.pop("fingerprint")
+            cat["fingerprints"] = {} if old is None else {"any": old}
         for key, types in _CATEGORY_SCHEMA.items():
             if key not in cat:
                 raise damaged(f"category {name!r} has no {key!r}")
@@ -248,10 +269,12 @@ def _parse_metadata(path: Path, metadata: dict) -> tuple[dict[str, dict], list[s
                 raise damaged(f"category {name!r}: {key!r} is {value!r}")
         if not cat["layers"] or not all(isinstance(layer, str) for layer in cat["layers"]):
             raise damaged(f"category {name!r}: 'layers' must be a non-empty list of module names")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in cat["fingerprints"].items()):
+            raise damaged(f"category {name!r}: 'fingerprints' must map dtype names to fingerprints")
     return cats, extra
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[str], list[dict]]:
+def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[str], list[dict]]:
     """(tensors, categories, extra keys, configs) of an adapter file or directory, all checked."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
@@ -269,12 +292,13 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[st
         raise ValueError(f"{path} is not a readable safetensors file (truncated or foreign?): {exc}") from exc
     if metadata.get("format") != _FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a FRoD adapter (no '{_FORMAT}' metadata)")
-    if metadata.get("version") != _VERSION:
+    version = metadata.get("version")
+    if version not in ("2", _VERSION):
         raise ValueError(
-            f"{path} has adapter format version {metadata.get('version')!r}; this frod_kernels reads {_VERSION!r} "
+            f"{path} has adapter format version {version!r}; this frod_kernels reads '2' and {_VERSION!r} "
             f"(format 1 fingerprinted only a sample of the base weights: re-save it from the trained model)"
         )
-    cats, extra = _parse_metadata(path, metadata)
+    cats, extra = _parse_metadata(path, metadata, version)
     if directory is not None and (directory / CONFIG_FILE).is_file():
         try:
             config = json.loads((directory / CONFIG_FILE).read_text())
@@ -284,8 +308,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[st
             raise ValueError(
                 f"{directory}: {CONFIG_FILE} and {ADAPTER_FILE} describe different adapters (copied from two saves?)"
             )
-    frod_keys = _frod_keys(name for c in cats.values() for name in c["layers"])
-    undeclared = sorted(set(tensors) - frod_keys - set(extra))
+    layer_keys = frod_keys(name for c in cats.values() for name in c["layers"])
+    undeclared = sorted(set(tensors) - layer_keys - set(extra))
     if undeclared:
         raise ValueError(f"{path} holds tensors its metadata does not declare, e.g. {undeclared[0]!r}")
     try:
@@ -293,109 +317,3 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[st
     except (TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} has damaged FRoD metadata: 'configs' ({exc})") from exc
     return tensors, cats, extra, configs
-
-
-def _seed_text(cat: dict) -> str:
-    return f"seed {cat['base_seed']}" if cat["base_seed"] is not None else f"pattern seed {cat['seed']}"
-
-
-def _check_rebuildable(path: Path, name: str, cat: dict) -> None:
-    """Refuse a category whose basis this version cannot rebuild bit-compatibly, before any work."""
-    if cat["source"] != "joint_decompose":
-        raise ValueError(
-            f"{path}: category {name!r} was trained on a basis given by the caller, not computed from the weights; "
-            f"build the FRoD layers with that basis first, then load the adapter into them"
-        )
-    if cat["algorithm"] != ALGORITHM_VERSION:
-        raise ValueError(
-            f"{path}: category {name!r} was decomposed by algorithm version {cat['algorithm']}, this frod_kernels "
-            f"has {ALGORITHM_VERSION}: the basis would differ, so δ and s would mean something else"
-        )
-    pattern = sample_sparse_pattern(cat["in_features"], cat["sparse_rate"], cat["seed"])
-    if (pattern.shape[1], _pattern_hash(pattern)) != (cat["k"], cat["pattern"]):
-        raise ValueError(
-            f"{path}: category {name!r}: its sparse pattern cannot be drawn again here (k={cat['k']}, "
-            f"rate {cat['sparse_rate']}, {_seed_text(cat)})"
-        )
-
-
-def _check_against_model(path: Path, have: dict[str, dict], cats: dict[str, dict]) -> None:
-    """The model's FRoD categories (``_describe``) must be the adapter's, input for input."""
-    for name, want in cats.items():
-        got = have.get(name)
-        if got is None:
-            raise ValueError(f"adapter category {name!r} has no FRoD layers in the model")
-        if got["layers"] != want["layers"]:
-            raise ValueError(f"category {name!r}: adapter layers {want['layers'][:3]}… differ from the model's")
-        if (got["out_features"], got["in_features"]) != (want["out_features"], want["in_features"]):
-            raise ValueError(
-                f"category {name!r}: adapter shape {want['out_features']}x{want['in_features']}, "
-                f"model {got['out_features']}x{got['in_features']}"
-            )
-        if (got["source"], got["algorithm"]) != (want["source"], want["algorithm"]):
-            raise ValueError(
-                f"category {name!r}: the adapter's basis came from {want['source']} (algorithm {want['algorithm']}), "
-                f"the model's from {got['source']} (algorithm {got['algorithm']})"
-            )
-        if want["basis"] is not None and got["basis"] != want["basis"]:
-            raise ValueError(f"category {name!r}: the model's given basis V differs from the adapter's")
-        if want["fingerprint"] is None or got["fingerprint"] != want["fingerprint"]:
-            raise ValueError(
-                f"category {name!r}: the model's base weights differ from those the adapter was trained on"
-            )
-        if got["reg"] != want["reg"]:
-            raise ValueError(
-                f"category {name!r}: the model's basis was decomposed with reg={got['reg']}, the adapter's with "
-                f"reg={want['reg']}; δ and s mean something else in another basis"
-            )
-        if (got["k"], got["pattern"]) != (want["k"], want["pattern"]):
-            raise ValueError(
-                f"category {name!r}: sparse pattern differs (adapter k={want['k']}, {_seed_text(want)}, "
-                f"rate {want['sparse_rate']}; model k={got['k']}, {_seed_text(got)}, rate {got['sparse_rate']})"
-            )
-
-
-def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None) -> nn.Module:
-    """Load an adapter (a file, or a directory written by ``save_frod``) into ``model``: a base
-    model (FRoD is applied from the file's categories) or a model that already has the same FRoD
-    layers. Returns the model.
-
-    δ means the same in both modes (λ' = λ + δ), so an adapter saved in one mode loads into a
-    model in the other; ``mode`` picks the mode when FRoD is applied to a base model (default:
-    each category's mode when saved). Parameters listed as ``extra`` (a head) are loaded and left
-    trainable, as they were when saved. On any refusal the model is left exactly as it was.
-    """
-    path = Path(path)
-    tensors, cats, extra, configs = _read(path)
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    params = dict(model.named_parameters())
-    unknown = [k for k in extra if k not in params]
-    if unknown:
-        raise ValueError(f"adapter tensor {unknown[0]!r} matches no parameter of the model")
-    applied = not frod_layers(model)
-    with ModelTransaction(model) as tx:
-        if applied:
-            for name, cat in cats.items():
-                _check_rebuildable(path, name, cat)
-            specs = {
-                name: CategorySpec(cat["layers"], cat["sparse_rate"], cat["seed"], cat["reg"], mode or cat["mode"],
-                                   cat["base_seed"])
-                for name, cat in cats.items()
-            }
-            apply_categories(model, specs, {name: cat["fingerprint"] for name, cat in cats.items()}, tx)
-        else:  # a model built from the file's own categories matches them by construction
-            _check_against_model(path, _describe(model), cats)
-        params = dict(model.named_parameters())
-        frod_weights = {id(layer.weight) for layer in frod_layers(model).values()}
-        for key in extra:
-            if id(params[key]) in frod_weights:
-                raise ValueError(
-                    f"adapter tensor {key!r} is a FRoD layer's base weight: the basis is computed from it, an "
-                    f"adapter may not replace it"
-                )
-            params[key].requires_grad_(True)
-        load_frod_state_dict(model, tensors)
-    if applied:
-        model.frod_configs = configs
-    return model

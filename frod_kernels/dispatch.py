@@ -59,6 +59,8 @@ from types import ModuleType
 
 import torch
 
+from .options import check_choice
+
 __all__ = [
     "BACKENDS",
     "PATHS",
@@ -130,8 +132,7 @@ def choose_path(path: str, **shape) -> str:
 
     'basis' is only resolved for an additive call that allows it (``basis=True``).
     """
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    check_choice("path", path, PATHS)
     if path == "basis" and not (shape.get("basis") and shape.get("additive", True)):
         raise ValueError("path='basis' needs an additive layer and its λ (lam), and exact computation not asked for")
     if path != "auto":
@@ -157,8 +158,7 @@ def choose_backend(backend: str, device: torch.device) -> str:
 
     The Triton interpreter (CPU tensors, TRITON_INTERPRET=1) is only used when asked for.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         return "triton" if device.type == "cuda" and _triton_usable(device) else "torch"
     if backend == "triton" and not _triton_usable(device):
@@ -179,8 +179,7 @@ _primitive_overrides: dict[str, str] = {}
 
 
 def _check_primitive(primitive: str, backend: str | None = None) -> None:
-    if primitive not in PRIMITIVES:
-        raise ValueError(f"primitive must be one of {PRIMITIVES}, got {primitive!r}")
+    check_choice("primitive", primitive, PRIMITIVES)
     if backend is not None and backend not in ("torch", "triton"):
         raise ValueError(f"a primitive's backend must be 'torch' or 'triton', got {backend!r}")
 

@@ -5,6 +5,9 @@ only on exactly those weights: one changed entry in one layer changes every laye
 fingerprint therefore covers every element: SHA-256 over each weight's shape, dtype and raw bytes
 (read in chunks, so a GPU model is copied to the host a slice at a time). A device move keeps the
 bytes, so it keeps the fingerprint; any other change (one entry, one bit, another dtype) does not.
+A cast is not a new base, though: ``fingerprints_by_dtype`` also records the weights rounded to the
+narrower dtypes a user may load the same checkpoint in, and ``compare_fingerprints`` accepts a model
+whose weights are the recorded ones in any of those dtypes (and only those weights).
 
 Cost: one pass over the weights at about 1 GB/s (SHA-256 on one core), small next to the
 decomposition it protects (see docs/hardening.md for the MiniLM measurement).
@@ -17,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["weight_fingerprint"]
+__all__ = ["compare_fingerprints", "dtype_name", "fingerprints_by_dtype", "weight_fingerprint"]
 
 # Bytes hashed per host copy: bounds the extra host memory for a GPU weight.
 _CHUNK_BYTES = 1 << 26
@@ -35,3 +38,52 @@ def weight_fingerprint(weights: Sequence[torch.Tensor]) -> str:
             chunk = flat[start:start + step].cpu()
             h.update(chunk.view(torch.uint8).numpy().data)
     return h.hexdigest()[:32]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32: how adapters name dtypes."""
+    return str(dtype).removeprefix("torch.")
+
+
+# The narrower floating-point dtypes a user may load the same base in (``from_pretrained(dtype=…)``,
+# ``model.to(…)``): an adapter records the fingerprint of the weights rounded to each.
+_NARROWER = {
+    torch.float64: (torch.float32, torch.bfloat16, torch.float16),
+    torch.float32: (torch.bfloat16, torch.float16),
+}
+
+
+def fingerprints_by_dtype(weights: Sequence[torch.Tensor]) -> dict[str, str]:
+    """{dtype name: fingerprint} of the weights as they are and rounded to each narrower float dtype
+    (float32 → bfloat16, float16), so that the same base loaded in another dtype is recognised."""
+    dtype = weights[0].dtype
+    found = {dtype_name(dtype): weight_fingerprint(weights)}
+    for narrower in _NARROWER.get(dtype, ()):
+        found[dtype_name(narrower)] = weight_fingerprint([w.to(narrower) for w in weights])
+    return found
+
+
+def compare_fingerprints(weights: Sequence[torch.Tensor], recorded: dict[str, str]) -> str | None:
+    """None when ``weights`` are the recorded base: equal in their own dtype, or rounded to the widest
+    recorded dtype narrower than theirs; else why not, naming the dtypes.
+
+    ``recorded`` maps dtype names to fingerprints; the key ``"any"`` (adapters of format 2) holds a
+    fingerprint of unrecorded dtype, compared with the weights as they are.
+    """
+    dtype = weights[0].dtype
+    own = dtype_name(dtype)
+    if own in recorded or "any" in recorded:
+        if weight_fingerprint(weights) == recorded.get(own, recorded.get("any")):
+            return None
+        if own in recorded:
+            return "the model's base weights differ from those the adapter was trained on"
+        return ("the model's base weights differ from those the adapter was trained on (this adapter, of format "
+                "2, records them only in the dtype it was saved in: load the base in that dtype)")
+    for narrower in _NARROWER.get(dtype, ()):
+        if dtype_name(narrower) in recorded:
+            if weight_fingerprint([w.to(narrower) for w in weights]) == recorded[dtype_name(narrower)]:
+                return None
+            return (f"the model's base weights ({own}) rounded to {dtype_name(narrower)} differ from the "
+                    f"{dtype_name(narrower)} weights the adapter was trained on")
+    return (f"the model's base weights are {own}; the adapter records its base only in "
+            f"{', '.join(sorted(recorded))}: load the base model in one of those dtypes")

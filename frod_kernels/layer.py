@@ -23,19 +23,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import MODES
 from .decomposition import ALGORITHM_VERSION, joint_decompose, validate_reg
 from .dispatch import BACKENDS, PATHS
-from .fingerprint import weight_fingerprint
+from .fingerprint import dtype_name, weight_fingerprint
 from .functional import compute_dtype, frod_linear, frod_linear_reusing
 from .layer_state import BaseProvenance, BasisGate, WeightCache, state_key
 from .options import check_choice
 from .pattern import SparsePattern, sample_sparse_pattern, validate_sparse_rate
 from .reference import error_tolerance, relative_error, rotation_matrix
 
-__all__ = ["CACHED_WEIGHT", "MERGED", "MERGED_MARKER", "MODES", "REUSED_WEIGHT", "FRoDBasis", "FRoDLinear",
+__all__ = ["CACHED_WEIGHT", "MERGED", "MERGED_MARKER", "REUSED_WEIGHT", "FRoDBasis", "FRoDLinear",
            "FactoredWeight"]
 
-MODES = ("additive", "factored")
 
 
 class FRoDBasis(nn.Module):
@@ -53,7 +53,7 @@ class FRoDBasis(nn.Module):
         ``"joint_decompose"`` when V is a function of the category's base weights (rebuilt on
         load), ``"given"`` when the caller supplied it; fingerprint: of the base weights V was
         computed from (``fingerprint.weight_fingerprint``) and fingerprint_dtype, their dtype then
-        (default: V's); max_error, jitter: the decomposition's.
+        (default: V's), kept in ``fingerprints``; max_error, jitter: the decomposition's.
         """
         super().__init__()
         n = V.shape[0]
@@ -69,7 +69,10 @@ class FRoDBasis(nn.Module):
         # every conversion, so no conversion (``to_empty`` above all) can leave the sparse kernels
         # an uninitialised pattern to read.
         self._host_indices = pattern.indices.detach().cpu().clone()
-        self.fingerprint_dtype = V.dtype if fingerprint_dtype is None else fingerprint_dtype
+        # {dtype name: fingerprint} of the base the basis was computed from; more dtypes may be added
+        # (a factored layer keeps no W, so its category records the casts a user may load when built).
+        dtype = V.dtype if fingerprint_dtype is None else fingerprint_dtype
+        self.fingerprints: dict[str, str] = {} if fingerprint is None else {dtype_name(dtype): fingerprint}
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)

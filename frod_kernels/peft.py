@@ -71,10 +71,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import MODES
 from .fingerprint import weight_fingerprint
 from .functional import frod_linear
-from .layer import MODES, FRoDBasis, FRoDLinear
+from .layer import FRoDBasis, FRoDLinear
+from .options import check_choice
 from .pattern import SparsePattern
+from .targets import replace_module
 
 __all__ = [
     "FrodFallbackWarning",
@@ -308,10 +311,8 @@ def accelerate(
     """
     from .dispatch import BACKENDS, PATHS
 
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    check_choice("backend", backend, BACKENDS)
+    check_choice("path", path, PATHS)
     frod, cls = _peft_frod(), _accelerated_class()
     layers = _frod_layers(peft_model)
     if not layers:
@@ -407,8 +408,7 @@ def _build_frod_layers(
     config: dict, mode: str,
 ) -> dict[str, FRoDLinear]:
     """One ``FRoDLinear`` per entry; ``projections`` maps a category to (V, PEFT's Ω)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("mode", mode, MODES)
     bases: dict[str, tuple[FRoDBasis, OmegaMap]] = {}
     out = {}
     for e in entries:
@@ -444,11 +444,6 @@ def _build_frod_layers(
             layer.sparse_values.copy_(values)
         out[e.name] = layer
     return out
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def to_frod_layers(peft_model: nn.Module, adapter_name: str | None = None, mode: str = "factored") -> nn.Module:
@@ -500,7 +495,7 @@ def to_frod_layers(peft_model: nn.Module, adapter_name: str | None = None, mode:
         tuner.set_adapter(adapter_name)
     model = tuner.unload()
     for name, layer in layers.items():
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     return model
 
 
@@ -573,5 +568,5 @@ def from_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike, mode: st
         state[name].requires_grad_(True)
     proj = {cat: (p["frod_V"], p["frod_s_indices"]) for cat, p in projections.items()}
     for name, layer in _build_frod_layers(entries, proj, config, mode).items():
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     return model

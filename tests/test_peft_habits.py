@@ -115,19 +115,26 @@ def test_save_pretrained_keeps_the_trained_function(tmp_path, mode, merged):
     torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_plain_save_pretrained_warns(tmp_path):
+def test_plain_save_pretrained_writes_a_frod_checkpoint(tmp_path):
+    """model.save_pretrained (what the HF Trainer calls) keeps the adapter every way back: from_pretrained
+    gives the trained function, load_frod the adapter, load_state_dict the exact δ and s."""
     model = _classifier()
-    fk.apply_frod(model, TARGETS, sparse_rate=0.05)
-    with pytest.warns(fk.FRoDCheckpointWarning, match="loses the adapter"):
-        model.save_pretrained(tmp_path / "lossy")
+    fk.apply_frod(model, TARGETS, sparse_rate=0.05, modules_to_save=["classifier"])
+    randomise_frod(model, 0.2)
+    expected = _logits(model)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", fk.FRoDCheckpointWarning)
-        model.save_pretrained(tmp_path / "trainer", state_dict=model.state_dict())  # as the HF Trainer does
+        warnings.simplefilter("error")
+        model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "ckpt" / "adapter_config.json").exists()  # transformers would read a PEFT adapter
+    plain = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "ckpt").eval()
+    assert not fk.frod_layers(plain)
+    torch.testing.assert_close(_logits(plain), expected, rtol=1e-5, atol=1e-5)
+    fresh = fk.load_frod(_classifier(), tmp_path / "ckpt")
+    assert torch.equal(_logits(fresh), expected)
     pickle.loads(pickle.dumps(model))  # the guard does not stop the model from pickling
     fk.unload_frod(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", fk.FRoDCheckpointWarning)
-        model.save_pretrained(tmp_path / "plain")
+    assert "save_pretrained" not in vars(model)
 
 
 def test_conv1d_merged_state_dict_layout():

@@ -284,7 +284,7 @@ def test_a_trained_head_travels_with_the_adapter(tmp_path):
 
 @pytest.mark.parametrize(
     "kw,err", [({"backend": "cuda"}, ValueError), ({"path": "diagonal"}, ValueError),
-               ({"param_dtype": torch.int32}, TypeError), ({"param_dtype": "float32"}, TypeError),
+               ({"param_dtype": torch.int32}, TypeError), ({"param_dtype": "float33"}, TypeError),
                ({"mode": "lora"}, ValueError)],
 )
 def test_refused_apply_frod_changes_nothing(kw, err):
@@ -418,7 +418,7 @@ def test_damaged_metadata_is_a_value_error(tmp_path, meta, match):
         fk.load_frod(_Net(), path)
 
 
-@pytest.mark.parametrize("key", ["reg", "layers", "fingerprint", "seed"])
+@pytest.mark.parametrize("key", ["reg", "layers", "fingerprints", "seed"])
 @pytest.mark.parametrize("how", ["missing", "wrong type"])
 def test_damaged_category_fields(tmp_path, key, how):
     path = tmp_path / "a.safetensors"

@@ -1,0 +1,223 @@
+"""``load_frod``: put an adapter (``adapter`` format) into a model, or refuse before changing anything.
+
+Into a base model, FRoD is applied from the file's categories (each basis decomposed from the
+model's weights once they are shown to be the adapter's base); into a model that already has
+FRoD layers, the layers must be the adapter's, input for input. A base in another dtype than the
+one the adapter was trained on is the same base (``fingerprint.compare_fingerprints``). A FRoD
+model whose basis was lost to ``to('meta')``/``to_empty()`` gets it rebuilt here from the weights
+loaded since, once they are shown to be the ones FRoD was applied to.
+
+Every load is transactional: on any refusal the model is left exactly as it was (FRoD not
+applied, flags and values untouched). Loading into a merged model unmerges the affected layers,
+loads, and merges them again with the new δ and s.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import describe_categories, load_frod_state_dict, pattern_hash, read_adapter
+from .decomposition import ALGORITHM_VERSION, joint_decompose
+from .fingerprint import compare_fingerprints, dtype_name
+from .layer import MODES, FRoDBasis, FRoDLinear
+from .model import CategorySpec, apply_categories
+from .options import check_choice
+from .pattern import sample_sparse_pattern
+from .targets import ModelTransaction, frod_categories, frod_layers
+
+__all__ = ["load_frod"]
+
+
+def _seed_text(cat: dict) -> str:
+    return f"seed {cat['base_seed']}" if cat["base_seed"] is not None else f"pattern seed {cat['seed']}"
+
+
+def _check_rebuildable(path: Path, name: str, cat: dict) -> None:
+    """Refuse a category whose basis this version cannot rebuild bit-compatibly, before any work."""
+    if cat["source"] != "joint_decompose":
+        raise ValueError(
+            f"{path}: category {name!r} was trained on a basis given by the caller, not computed from the weights; "
+            f"build the FRoD layers with that basis first, then load the adapter into them"
+        )
+    if cat["algorithm"] != ALGORITHM_VERSION:
+        raise ValueError(
+            f"{path}: category {name!r} was decomposed by algorithm version {cat['algorithm']}, this frod_kernels "
+            f"has {ALGORITHM_VERSION}: the basis would differ, so δ and s would mean something else"
+        )
+    pattern = sample_sparse_pattern(cat["in_features"], cat["sparse_rate"], cat["seed"])
+    if (pattern.shape[1], pattern_hash(pattern)) != (cat["k"], cat["pattern"]):
+        raise ValueError(
+            f"{path}: category {name!r}: its sparse pattern cannot be drawn again here (k={cat['k']}, "
+            f"rate {cat['sparse_rate']}, {_seed_text(cat)})"
+        )
+
+
+def _lost_bases(model: nn.Module) -> dict[str, tuple[FRoDBasis, list[FRoDLinear]]]:
+    """The categories whose basis holds no values (after to('meta')/to_empty())."""
+    layers = frod_layers(model)
+    return {
+        name: (basis, [layers[n] for n in names])
+        for name, (basis, names) in frod_categories(model).items()
+        if not all(layers[n].basis_valid for n in names)
+    }
+
+
+def _rebuild_plan(path: Path, lost: dict[str, tuple[FRoDBasis, list[FRoDLinear]]], cats: dict[str, dict]):
+    """Decompose each lost category from its current weights, after checking they are the weights FRoD
+    was applied to and the adapter's base; returns what ``_install`` puts in place (nothing changes here)."""
+    plan = []
+    for name, (basis, layers) in lost.items():
+        if basis.source != "joint_decompose" or layers[0].mode != "additive":
+            raise ValueError(
+                f"category {name!r}: its basis was lost to to('meta')/to_empty() and cannot be rebuilt from the "
+                f"weights ({'a given basis' if basis.source != 'joint_decompose' else 'factored mode keeps no W'}); "
+                f"apply FRoD to the loaded base model again, then load the adapter"
+            )
+        weights = [layer.base_weight for layer in layers]
+        for reason in (compare_fingerprints(weights, basis.fingerprints),
+                       compare_fingerprints(weights, cats[name]["fingerprints"]) if name in cats else None):
+            if reason is not None:
+                raise ValueError(
+                    f"category {name!r}: its basis was lost to to('meta')/to_empty() and cannot be rebuilt: {reason} "
+                    f"(load the base weights into the model before load_frod)"
+                )
+        plan.append((basis, layers, joint_decompose(weights, reg=basis.reg, name=name)))
+    return plan
+
+
+def _install(plan) -> None:
+    for basis, layers, jb in plan:
+        basis.set_V(jb.V)
+        for layer, U, lam in zip(layers, jb.U, jb.lam, strict=True):
+            layer.rebuild_basis(U, lam)
+
+
+def _check_against_model(path: Path, model: nn.Module, cats: dict[str, dict]) -> None:
+    """The model's FRoD categories must be the adapter's, input for input."""
+    have = describe_categories(model)
+    all_layers = frod_layers(model)
+    for name, want in cats.items():
+        got = have.get(name)
+        if got is None:
+            raise ValueError(f"adapter category {name!r} has no FRoD layers in the model")
+        if got["layers"] != want["layers"]:
+            raise ValueError(f"category {name!r}: adapter layers {want['layers'][:3]}… differ from the model's")
+        if (got["out_features"], got["in_features"]) != (want["out_features"], want["in_features"]):
+            raise ValueError(
+                f"category {name!r}: adapter shape {want['out_features']}x{want['in_features']}, "
+                f"model {got['out_features']}x{got['in_features']}"
+            )
+        if (got["source"], got["algorithm"]) != (want["source"], want["algorithm"]):
+            raise ValueError(
+                f"category {name!r}: the adapter's basis came from {want['source']} (algorithm {want['algorithm']}), "
+                f"the model's from {got['source']} (algorithm {got['algorithm']})"
+            )
+        if want["basis"] is not None and got["basis"] != want["basis"]:
+            raise ValueError(f"category {name!r}: the model's given basis V differs from the adapter's")
+        if not want["fingerprints"]:
+            raise ValueError(f"category {name!r}: the adapter records no fingerprint of its base weights")
+        weights = [all_layers[n].base_weight for n in got["layers"]]
+        # Factored layers keep no W: their recorded base stands for it.
+        reason = (_compare_records(got["fingerprints"], want["fingerprints"]) if any(w is None for w in weights)
+                  else compare_fingerprints(weights, want["fingerprints"]))
+        if reason is not None:
+            raise ValueError(f"category {name!r}: {reason}")
+        if got["reg"] != want["reg"]:
+            raise ValueError(
+                f"category {name!r}: the model's basis was decomposed with reg={got['reg']}, the adapter's with "
+                f"reg={want['reg']}; δ and s mean something else in another basis"
+            )
+        if (got["k"], got["pattern"]) != (want["k"], want["pattern"]):
+            raise ValueError(
+                f"category {name!r}: sparse pattern differs (adapter k={want['k']}, {_seed_text(want)}, "
+                f"rate {want['sparse_rate']}; model k={got['k']}, {_seed_text(got)}, rate {got['sparse_rate']})"
+            )
+
+
+def _compare_records(have: dict[str, str], want: dict[str, str]) -> str | None:
+    """Two recorded bases are the same when they agree in some dtype both record."""
+    shared = set(have) & set(want)
+    if any(have[d] == want[d] for d in shared) or ("any" in want and want["any"] in have.values()):
+        return None
+    if not shared:
+        return (f"the model's base was recorded in {', '.join(sorted(have))}, the adapter's in "
+                f"{', '.join(sorted(want))}: load the base model in one of the adapter's dtypes")
+    return "the model's base weights differ from those the adapter was trained on"
+
+
+def _param_dtypes(cats: dict[str, dict], tensors: dict[str, torch.Tensor], param_dtype: torch.dtype | None):
+    """Per category, the dtype of δ and s to build: ``param_dtype``, else the file's (fp32 masters of a
+    bf16 model come back as fp32)."""
+    if param_dtype is not None:
+        return dict.fromkeys(cats, param_dtype)
+    return {name: tensors[f"{cat['layers'][0]}.delta" if cat["layers"][0] else "delta"].dtype
+            for name, cat in cats.items()}
+
+
+def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None,
+              param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Load an adapter (a file, or a directory written by ``save_frod``, ``model.save_pretrained`` or the
+    HF Trainer) into ``model``: a base model (FRoD is applied from the file's categories) or a model that
+    already has the same FRoD layers. Returns the model.
+
+    The base may be in another dtype than the adapter was trained in (float32, bfloat16, float16 of the
+    same checkpoint); a different base is refused at every dtype. δ means the same in both modes
+    (λ' = λ + δ), so an adapter saved in one mode loads into a model in the other; ``mode`` picks the
+    mode when FRoD is applied to a base model (default: each category's mode when saved), and
+    ``param_dtype`` the dtype of δ and s then (default: as saved). Parameters listed as ``extra`` (a
+    head) are loaded and left trainable, as they were when saved. On any refusal the model is left
+    exactly as it was.
+    """
+    path = Path(path)
+    tensors, cats, extra, configs = read_adapter(path)
+    if mode is not None:
+        check_choice("mode", mode, MODES)
+    if param_dtype is not None and not (isinstance(param_dtype, torch.dtype) and param_dtype.is_floating_point):
+        raise TypeError(f"param_dtype must be a floating-point torch.dtype, got {param_dtype!r}")
+    params = dict(model.named_parameters())
+    unknown = [k for k in extra if k not in params]
+    if unknown:
+        raise ValueError(f"adapter tensor {unknown[0]!r} matches no parameter of the model")
+    layers = frod_layers(model)
+    applied = not layers
+    if not applied and param_dtype is not None:
+        held = {layer.delta.dtype for layer in layers.values()}
+        if held != {param_dtype}:
+            raise ValueError(
+                f"param_dtype={dtype_name(param_dtype)} applies when load_frod applies FRoD; this model's FRoD "
+                f"layers hold δ and s in {', '.join(sorted(map(dtype_name, held)))} (convert them, or load into the "
+                f"base model)"
+            )
+    with ModelTransaction(model) as tx:
+        if applied:
+            for name, cat in cats.items():
+                _check_rebuildable(path, name, cat)
+            specs = {
+                name: CategorySpec(cat["layers"], cat["sparse_rate"], cat["seed"], cat["reg"], mode or cat["mode"],
+                                   cat["base_seed"])
+                for name, cat in cats.items()
+            }
+            apply_categories(model, specs, {name: cat["fingerprints"] for name, cat in cats.items()}, tx,
+                             _param_dtypes(cats, tensors, param_dtype))
+        else:  # a model built from the file's own categories matches them by construction
+            _install(_rebuild_plan(path, _lost_bases(model), cats))
+            _check_against_model(path, model, cats)
+        params = dict(model.named_parameters())
+        frod_weights = {id(layer.weight) for layer in frod_layers(model).values()}
+        for key in extra:
+            if id(params[key]) in frod_weights:
+                raise ValueError(
+                    f"adapter tensor {key!r} is a FRoD layer's base weight: the basis is computed from it, an "
+                    f"adapter may not replace it"
+                )
+            params[key].requires_grad_(True)
+        load_frod_state_dict(model, tensors)
+    if applied:
+        model.frod_configs = configs
+    return model
+
+
