@@ -17,8 +17,8 @@ What it does:
    adapter, and the reloaded model computes the trained function.
 
 The speed-up is a matter of size: at the full-size batch PEFT's step costs about twice the
-accelerated one's on a CPU (``frod-kernels peft``, docs/peft.md), while at --tiny size both are
-dominated by Python overhead and the ratio means nothing.
+accelerated one's on a CPU (docs/peft.md, "Benchmark"), while at --tiny size both are dominated by
+Python overhead and the ratio means nothing.
 """
 
 from __future__ import annotations
