@@ -103,11 +103,13 @@ def time_interleaved(
 
 
 def summarize(seconds: list[float]) -> dict[str, float]:
-    """Median and quartiles in milliseconds."""
+    """Median and quartiles in milliseconds; the quartiles lie between the smallest and largest sample."""
     ms = sorted(s * 1e3 for s in seconds)
     if len(ms) == 1:
         return {"ms": ms[0], "q25_ms": ms[0], "q75_ms": ms[0]}
-    q = statistics.quantiles(ms, n=4)
+    # 'inclusive': the default 'exclusive' method extrapolates beyond the samples when there are few
+    # (two samples 10 and 20 would give quartiles 7.5 and 22.5; a wide spread, negative ones).
+    q = statistics.quantiles(ms, n=4, method="inclusive")
     return {"ms": statistics.median(ms), "q25_ms": q[0], "q75_ms": q[2]}
 
 
