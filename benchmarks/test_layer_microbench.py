@@ -1,6 +1,6 @@
 """pytest-benchmark microbenchmarks: one layer fwd+bwd, FRoD paths vs the baselines (not in the test run).
 
-    pytest benchmarks/test_layer_microbench.py --benchmark-json benchmarks/results/cpu_microbench.json
+    python -m pytest benchmarks/test_layer_microbench.py --benchmark-json benchmarks/results/cpu_microbench.json
 
 Each round is y = layer(x); y.backward(dY) with x requiring grad; between rounds (untimed, pytest-
 benchmark's ``setup``) the trainable tensors take an SGD-like step and every gradient is reset, as in

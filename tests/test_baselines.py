@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.decompose_bench import published_joint_decompose
 from frod_kernels import FRoDLinear, joint_decompose
 from frod_kernels.bench.baselines import (
     LoRALinear,
@@ -14,7 +15,6 @@ from frod_kernels.bench.baselines import (
     lora_rank_for_budget,
     peft_available,
     peft_frod_layer,
-    published_joint_decompose,
 )
 from frod_kernels.reference import frod_linear_reference
 

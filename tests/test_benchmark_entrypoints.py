@@ -1,4 +1,5 @@
-"""Every benchmark entry point and CLI subcommand runs at a tiny size (smoke tests; the file takes < 60 s)."""
+"""Every benchmark entry point runs at a tiny size: the ``frod-kernels`` commands and the scripts under
+``benchmarks/`` (smoke tests; the file takes < 60 s)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from frod_kernels.bench import memorise
+from benchmarks import convergence, decompose_bench, memorise, model_step, peft_bench
 from frod_kernels.bench.baselines import peft_available
 from frod_kernels.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_cli(tmp_path: Path, *args: str, before: bool = False) -> dict:
-    """Run the CLI at tiny size; ``before``: the common options go before the subcommand."""
+def _run_cli(tmp_path: Path, *args: str, before: bool = False, entry=main) -> dict:
+    """Run ``entry`` (the CLI, or a script's ``main``) at tiny size; ``before``: the common options go
+    before the other arguments (before the subcommand, for the CLI)."""
     out = tmp_path / "result.json"
     common = ["--tiny", "--no-progress", "--json", str(out)]
-    assert main([*common, *args] if before else [*args, *common]) == 0
+    assert entry([*common, *args] if before else [*args, *common]) == 0
     return json.loads(out.read_text())
 
 
@@ -43,14 +45,14 @@ def test_bench(tmp_path):
 
 
 def test_decompose(tmp_path):
-    result = _run_cli(tmp_path, "decompose", before=True)  # options before the subcommand are kept
+    result = _run_cli(tmp_path, before=True, entry=decompose_bench.main)
     (row,) = result["categories"]
     assert row["ours"]["max_error"] < 1e-12 and row["published"]["max_error"] < 1e-4
 
 
 def test_convergence(tmp_path, capsys):
     pytest.importorskip("transformers")
-    result = _run_cli(tmp_path, "convergence", "--steps", "3")
+    result = _run_cli(tmp_path, "--steps", "3", entry=convergence.main)
     assert set(result["methods"]) == {"frod", "lora", "lora_r8", "full"}
     assert all(len(m["runs"][0]["loss"]) == 3 for m in result["methods"].values())
     out = capsys.readouterr().out
@@ -62,8 +64,8 @@ def test_memorise(tmp_path):
     pytest.importorskip("transformers")
     png = tmp_path / "memorise.png"
     methods = ["full", *(m for m in memorise.METHODS if m != "full")]  # head not first: the run reorders
-    result = _run_cli(tmp_path, "memorise", "--plot", str(png), "--lr", "full=1e-3,3e-3", "--methods", *methods,
-                      before=True)
+    result = _run_cli(tmp_path, "--plot", str(png), "--lr", "full=1e-3,3e-3", "--methods", *methods,
+                      before=True, entry=memorise.main)
     expected = set(memorise.METHODS) - set(result["skipped"])
     assert set(result["methods"]) == expected and expected >= {"head", "frod", "lora", "lora_4x", "full"}
     assert ("peft_frod" in result["skipped"]) != peft_available()
@@ -112,7 +114,7 @@ def _script(args: list[str], env: dict | None = None, timeout: int = 120) -> sub
 
 def test_gpu_check_tiny(tmp_path):
     # It times a tiny MiniLM step as well (80 s seen on a loaded 2-core machine).
-    proc = _script(["benchmarks/gpu_check.py", "--tiny", "--json", str(tmp_path / "gpu.json")], timeout=400)
+    proc = _script(["-m", "benchmarks.gpu_check", "--tiny", "--json", str(tmp_path / "gpu.json")], timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "gpu.json").read_text())
     assert {r["dtype"] for r in result["validation"]} == {"float32", "bfloat16", "float16"}
@@ -130,9 +132,9 @@ def test_microbenchmarks_tiny():
 
 def test_model_step(tmp_path):
     pytest.importorskip("transformers")
-    result = _run_cli(tmp_path, "model-step")
-    assert [r["scenario"] for r in result["scenarios"]] == [
-        "train 2x16 accum 1", "train 2x16 accum 4", "train 2x16 accum 1", "train 2x16 accum 4", "eval 2x16"]
+    result = _run_cli(tmp_path, entry=model_step.main)
+    # the tiny batch is the same for every train scenario: each runs once
+    assert [r["scenario"] for r in result["scenarios"]] == ["train 2x16 accum 1", "train 2x16 accum 4", "eval 2x16"]
     for row in result["scenarios"]:
         assert set(row["methods"]) == {"full", "frod", "lora"} and row["methods"]["full"]["ratio_to_full"] == 1.0
         assert all(m["ms"] > 0 for m in row["methods"].values()) and sum(row["frod_paths"].values()) == 12
@@ -148,3 +150,19 @@ def test_paths(tmp_path):
     for case in result["cases"]:
         assert set(case["ms"]) == {"auto", "token", "weight", "basis"} and case["auto_paths"]
         assert case["auto_over_best"] > 0
+
+
+def test_peft_bench(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    if not peft_available():
+        pytest.skip("peft with FrodConfig is not installed")
+    result = _run_cli(tmp_path, entry=peft_bench.main)
+    assert set(result["methods"]) == set(peft_bench.METHODS) and result["smoke_run"]
+    captured = capsys.readouterr()
+    assert "Sparse invariant checks" not in captured.out + captured.err
+    assert "faster" not in captured.out and "slower" not in captured.out  # a smoke run claims no speed-up
+    # outside a smoke run the claim follows the sign of the measurement
+    slower = {**result, "smoke_run": False}
+    slower["methods"]["peft_frod"] = {**slower["methods"]["peft_frod"], "ms": 1.0}
+    slower["methods"]["peft_frod_accelerated"] = {**slower["methods"]["peft_frod_accelerated"], "ms": 2.0}
+    assert "slower: it takes 2.00x the time" in peft_bench.format_report(slower)

@@ -384,10 +384,10 @@ def test_peft_u_lambda_matches_peft():
 
 
 def test_peft_bench_tiny(tmp_path):
-    from frod_kernels.cli import main
+    from benchmarks.peft_bench import main
 
     out = tmp_path / "peft.json"
-    assert main(["peft", "--tiny", "--no-progress", "--json", str(out)]) == 0
+    assert main(["--tiny", "--no-progress", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     methods = result["methods"]
     assert set(methods) == {"peft_frod", "peft_frod_accelerated", "frod", "lora", "full"}
@@ -399,12 +399,12 @@ def test_peft_bench_tiny(tmp_path):
     assert methods["peft_frod_accelerated"]["paired_ratio_to_peft_frod_accelerated"] == 1.0
 
 
-@pytest.mark.parametrize("argv", [["--tiny", "--threads", "1", "peft"], ["peft", "--tiny", "--threads", "1"]])
-def test_peft_subcommand_options_in_either_position(argv):
-    from frod_kernels.cli import _parser
+@pytest.mark.parametrize("argv", [["--tiny", "--threads", "1"], ["--threads", "1", "--tiny"]])
+def test_peft_bench_options_in_either_order(argv):
+    from benchmarks.peft_bench import build_parser
 
-    args = _parser().parse_args([*argv, "--repeats", "3"])
-    assert args.command == "peft" and args.tiny and args.threads == 1 and args.repeats == 3 and args.batch == 16
+    args = build_parser().parse_args([*argv, "--repeats", "3"])
+    assert args.tiny and args.threads == 1 and args.repeats == 3 and args.batch == 16
 
 
 def test_bfloat16_and_autocast():

@@ -8,8 +8,8 @@ All of them map x (..., n) to y (..., o); "trainable" is what an optimiser would
                             Z = x·V;  y = x·Wᵀ + b + (Z·diag(δ) + (S·Zᵀ)ᵀ)·Uᵀ with S rebuilt every call
                             as a COO tensor from (indices, s) and ``torch.sparse.mm`` left to autograd.
 ``NaiveDenseFRoDLinear``    W' = W + U·M·Vᵀ materialised with a dense M (n, n), left to autograd.
-``peft_frod_layer``         upstream PEFT's FRoD layer (``FrodConfig``), when ``peft`` is installed.
-``published_joint_decompose``  the published decomposition route: float32 stacked QR, explicit inverses.
+``peft_frod_layer``         upstream PEFT's FRoD layer (``FrodConfig``), when ``peft`` is installed;
+                            run it under ``quiet_peft``.
 
 The three FRoD baselines take their frozen tensors (W, b, U, V, Ω) from a ``FRoDLinear`` and copy its
 δ and s, so for the same parameters they compute the same function (tests/test_baselines.py).
@@ -17,14 +17,15 @@ The three FRoD baselines take their frozen tensors (W, b, U, V, Ω) from a ``FRo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from ..decomposition import JointBasis
 from ..layer import FRoDLinear
 from ..reference import frod_linear_reference
 
@@ -36,7 +37,7 @@ __all__ = [
     "lora_rank_for_budget",
     "peft_available",
     "peft_frod_layer",
-    "published_joint_decompose",
+    "quiet_peft",
 ]
 
 
@@ -163,31 +164,11 @@ def peft_frod_layer(linear: nn.Linear, sparse_rate: float = 0.01, seed: int = 0)
     return get_peft_model(_Holder(linear), config)
 
 
-def published_joint_decompose(
-    weights: Sequence[torch.Tensor], reg: float = 1e-3, dtype: torch.dtype = torch.float32
-) -> JointBasis:
-    """The published decomposition route (docs/design.md §8), for the decomposition benchmark.
-
-    In ``dtype`` (float32 as published; float64 to compare at our precision):
-    stacked QR [W_1; …; W_L] = Q·R (Q: L·o × n, materialised), T = (1/L) Σ inv(Q_iᵀQ_i + αI)
-    with explicit inverses, T = E Θ Eᵀ, V = Rᵀ E, then B_i = W_i · inv(V)ᵀ (explicit inverse, pinv
-    fallback), λ_i = column norms, U_i = B_i / λ_i. Like the published code it does not measure its
-    reconstruction error: ``errors`` is empty (the benchmark measures both routes alike).
-    """
-    ws = [w.detach().to(dtype) for w in weights]
-    q, r = torch.linalg.qr(torch.cat(ws, dim=0))
-    n = r.shape[1]
-    eye = torch.eye(n, dtype=r.dtype, device=r.device)
-    t = sum(torch.linalg.inv(qi.mT @ qi + reg * eye) for qi in q.split(ws[0].shape[0], dim=0)) / len(ws)
-    v = r.mT @ torch.linalg.eigh(t).eigenvectors
-    try:
-        v_inv = torch.linalg.inv(v)
-    except RuntimeError:
-        v_inv = torch.linalg.pinv(v)
-    us, lams = [], []
-    for w in ws:
-        b = w @ v_inv.mT
-        lam = torch.linalg.vector_norm(b, dim=0)
-        us.append(b / torch.where(lam > 0, lam, torch.ones_like(lam)))
-        lams.append(lam)
-    return JointBasis(V=v, U=us, lam=lams, errors=[])
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Hide torch's warning that PEFT's FRoD layer triggers by building its sparse tensor without saying
+    whether to check the sparse invariants: PEFT's choice, nothing a reader of a benchmark can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled",
+                                category=UserWarning)
+        yield

