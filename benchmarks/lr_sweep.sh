@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 R=benchmarks/results/lr_sweep
-C="$PY -m frod_kernels convergence --threads 2 --no-progress --seeds 0"
+C="$PY -m benchmarks.convergence --threads 2 --no-progress --seeds 0"
 $C --methods frod --lr frod=1e-2,1e-3 --json $R/frod_1e-2_1e-3.json | tail -3
 $C --methods frod --lr frod=1e-2,1e-2 --json $R/frod_1e-2_1e-2.json | tail -3
 $C --methods lora --lr lora=5e-3 --json $R/lora_5e-3.json | tail -3
