@@ -12,7 +12,8 @@ same inputs upcast to float64:
 with error bound |got − exact| ≤ tol(dtype) · Σ|terms| elementwise (Σ|terms| is the same sum over
 absolute values, so the bound is tight even where terms cancel). tol is a few units of the
 dtype's rounding, TF32 included. On a mismatch, a non-finite value or any exception, the backend
-warns once for the device (naming ``benchmarks/gpu_check.py``) and every later call on that
+warns once for the device (naming the ``frod-kernels`` command that validates every backend and
+path there against the float64 reference) and every later call on that
 device uses the PyTorch backend; ``dispatch`` asks ``triton_ok`` before each Triton primitive.
 
 Only CUDA devices are checked (``CHECKED_DEVICE_TYPES``). Under the CPU interpreter the Triton
@@ -80,10 +81,11 @@ def triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
         problem = _check(device, dtype)
         if problem is not None:
             _failed_devices.add(device)
+            name = str(dtype).removeprefix("torch.")
             warnings.warn(
                 f"frod_kernels: the Triton backend failed its first-use self-check on {device} "
-                f"({str(dtype).removeprefix('torch.')}): {problem}. Every FRoD call on {device} now uses the "
-                "PyTorch backend. Run `python benchmarks/gpu_check.py` for a full report.",
+                f"({name}): {problem}. Every FRoD call on {device} now uses the PyTorch backend. "
+                f"`frod-kernels --device {device} --dtype {name}` validates every backend and path there.",
                 RuntimeWarning,
                 stacklevel=4,
             )
