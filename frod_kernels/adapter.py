@@ -215,8 +215,8 @@ def _write_atomically(path: Path, write) -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from a shared cluster's group
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from a shared cluster's group
         _fsync(tmp)  # the bytes are on disk before the rename makes them the adapter
         os.replace(tmp, path)
     finally:

@@ -540,8 +540,8 @@ class FRoDLinear(nn.Module):
             diag = delta.to(device) + (self.lam if self.mode == "factored" else 0)
             expected = self._rotated(diag, values.to(device), self.base_weight)
             got = merged_weight.to(device=device, dtype=expected.dtype)
-            scale = float(expected.abs().max()) if expected.numel() else 0.0
-            if float((got - expected).abs().max(initial=0.0)) > 2 * torch.finfo(expected.dtype).eps * scale:
+            if not torch.allclose(got, expected, rtol=0.0, atol=2 * torch.finfo(expected.dtype).eps * float(
+                    expected.abs().max())):
                 error_msgs.append(
                     f"{where}: the checkpoint's merged weight is not this layer's base weight with the checkpoint's "
                     f"delta and sparse_values: it was written from another base model (load it into that base)"
