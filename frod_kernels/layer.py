@@ -28,10 +28,11 @@ from .decomposition import ALGORITHM_VERSION, joint_decompose, validate_reg
 from .dispatch import BACKENDS, PATHS
 from .fingerprint import dtype_name, weight_fingerprint
 from .functional import compute_dtype, frod_linear, frod_linear_reusing
-from .layer_state import BaseProvenance, BasisGate, WeightCache, state_key
+from .layer_checkpoint import MERGED_MARKER, frod_entries_of_merged
+from .layer_state import BaseProvenance, BasisGate, WeightCache, basis_path_error, state_key
 from .options import check_choice
 from .pattern import SparsePattern, sample_sparse_pattern, validate_sparse_rate
-from .reference import error_tolerance, relative_error, rotation_matrix
+from .reference import rotation_matrix
 
 __all__ = ["CACHED_WEIGHT", "MERGED", "MERGED_MARKER", "REUSED_WEIGHT", "FRoDBasis", "FRoDLinear",
            "FactoredWeight"]
@@ -148,10 +149,6 @@ MERGED = "merged"
 CACHED_WEIGHT = "cached W'"
 REUSED_WEIGHT = "weight, reused W'"
 
-# The key that marks a layer's entries in a merged checkpoint (``export.frod_checkpoint_state_dict``):
-# ``weight`` there is W' in the replaced module's layout, beside δ and s.
-MERGED_MARKER = "frod_merged"
-
 # ``nn.Module.to_empty`` converts with a lambda that allocates without copying: its code objects.
 _TO_EMPTY_CODE = tuple(c for c in nn.Module.to_empty.__code__.co_consts if hasattr(c, "co_code"))
 
@@ -160,27 +157,40 @@ def _converts_to_empty(fn) -> bool:
     return getattr(fn, "__code__", None) in _TO_EMPTY_CODE
 
 
+def _layer_basis(weight: torch.Tensor, sparse_rate: float, seed: int, reg: float,
+                 basis: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                 shared: FRoDBasis | None) -> tuple[torch.Tensor, torch.Tensor, FRoDBasis]:
+    """(U, λ, the category's FRoDBasis) for ``FRoDLinear.from_linear``: decomposed from ``weight`` alone
+    unless ``basis`` is given, a new FRoDBasis (V, Ω) unless ``shared`` is."""
+    source, max_error, jitter = "given", 0.0, 0.0
+    if basis is None:
+        jb = joint_decompose([weight], reg=reg)
+        U, V, lam = jb.U[0], jb.V, jb.lam[0]
+        source, max_error, jitter = "joint_decompose", jb.errors[0], jb.jitter
+    else:
+        U, V, lam = basis
+    if shared is None:
+        shared = FRoDBasis(
+            V.to(device=weight.device, dtype=weight.dtype), sample_sparse_pattern(weight.shape[1], sparse_rate, seed),
+            sparse_rate, seed, reg, source=source, fingerprint=weight_fingerprint([weight]), max_error=max_error,
+            jitter=jitter, fingerprint_dtype=weight.dtype,
+        )
+    return U, lam, shared
+
+
 class FRoDLinear(nn.Module):
     """y = x·(W + U·(diag(δ)+S)·Vᵀ)ᵀ + b; build it with ``FRoDLinear.from_linear``.
 
-    Attributes as ``nn.Linear``: ``in_features`` (n), ``out_features`` (o), ``weight`` (o, n; a
-    ``FactoredWeight`` in factored mode while unmerged), ``bias``. Also ``backend`` and ``path`` (see
-    ``frod_linear``), ``exact`` (see below) and ``cache_weight`` (W' reuse, ``layer_state.WeightCache``),
-    settable at any time, ``merged``, ``last_path`` (how the last call was computed: 'token',
-    'weight', ``REUSED_WEIGHT``, 'basis', ``CACHED_WEIGHT`` or ``MERGED``), ``base_weight`` (W, read
-    only; None in factored mode), and ``base_class``: the class of the module this layer replaced
-    (``nn.Linear``, or transformers' ``Conv1D``), which ``unload_frod`` gives back.
+    As ``nn.Linear``: ``in_features`` (n), ``out_features`` (o), ``weight`` (o, n; a ``FactoredWeight``
+    in factored mode while unmerged), ``bias``. Settable: ``backend``, ``path`` (``frod_linear``),
+    ``exact`` (never the basis path, below), ``cache_weight`` (W' reuse). Read: ``merged``,
+    ``base_weight``, ``last_path`` ('token', 'weight', 'basis', ``REUSED_WEIGHT``, ``CACHED_WEIGHT``,
+    ``MERGED``) and ``base_class`` (the replaced module's class, which ``unload_frod`` gives back).
 
-    The basis path and ``exact``: an additive layer can also compute with W = U·diag(λ)·Vᵀ, i.e.
-    y = x·(U·(diag(λ+δ) + S)·Vᵀ)ᵀ + b (the factored computation), which skips the X·Wᵀ product
-    (docs/design.md §5). It is the same function up to the decomposition's rounding in the compute
-    dtype, so ``path='auto'`` takes it only where it is cheapest *and* that rounding is within the
-    package's error criterion (``reference.error_tolerance``) on a fixed probe (``basis_deviation``,
-    measured once per dtype). ``exact=True`` forbids it: the layer then computes exactly what its
-    formula says in the compute dtype, bit-identical to the base layer while δ = s = 0.
-
-    Execution state lives in ``layer_state`` objects (W' slot, basis gate, provenance of W);
-    ``_invalidate`` is the one place that drops it.
+    The basis path computes an additive layer with W = U·diag(λ)·Vᵀ, skipping X·Wᵀ (docs/design.md
+    §5): equal up to the decomposition's rounding, so 'auto' takes it only where that rounding meets
+    the package's error criterion (``basis_deviation``). Execution state lives in ``layer_state``
+    objects; ``_invalidate`` is the one place that drops it.
     """
 
     def __init__(
@@ -272,24 +282,9 @@ class FRoDLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        sparse_rate = validate_sparse_rate(sparse_rate)
-        reg = validate_reg(reg)
-        weight = linear.weight
-        source, max_error, jitter = "given", 0.0, 0.0
-        if basis is None:
-            jb = joint_decompose([weight], reg=reg)
-            U, V, lam = jb.U[0], jb.V, jb.lam[0]
-            source, max_error, jitter = "joint_decompose", jb.errors[0], jb.jitter
-        else:
-            U, V, lam = basis
-        if shared is None:
-            indices = sample_sparse_pattern(weight.shape[1], sparse_rate, seed)
-            shared = FRoDBasis(
-                V.to(device=weight.device, dtype=weight.dtype), indices, sparse_rate, seed, reg, source=source,
-                fingerprint=weight_fingerprint([weight]), max_error=max_error, jitter=jitter,
-                fingerprint_dtype=weight.dtype,
-            )
-        return cls(weight, linear.bias, U, lam, shared, mode=mode, backend=backend, path=path,
+        U, lam, shared = _layer_basis(linear.weight, validate_sparse_rate(sparse_rate), seed, validate_reg(reg), basis,
+                                      shared)
+        return cls(linear.weight, linear.bias, U, lam, shared, mode=mode, backend=backend, path=path,
                    param_dtype=param_dtype, exact=exact)
 
     # -- the maths ------------------------------------------------------------------------------
@@ -348,6 +343,12 @@ class FRoDLinear(nn.Module):
         w = self.U.to(acc) @ m @ self.basis.V.to(acc).mT
         return (w if base is None else w + base.to(acc)).to(self.U.dtype)
 
+    def _merged_weight_of(self, delta: torch.Tensor, sparse_values: torch.Tensor) -> torch.Tensor:
+        """W' with the given δ and s in place of the layer's (a checkpoint's), as ``merge`` forms it."""
+        device = self.U.device
+        diag = delta.to(device) + (self.lam if self.mode == "factored" else 0)
+        return self._rotated(diag, sparse_values.to(device), self.base_weight)
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW = U·(diag(δ)+S)·Vᵀ (o, n), formed in float64 (float32 on a GPU for non-float64
         weights) and rounded once to the weight dtype."""
@@ -360,38 +361,18 @@ class FRoDLinear(nn.Module):
 
     # -- the basis path: its deviation, measured once per compute dtype (layer_state.BasisGate) ------
 
-    _PROBE_ROWS = 64
-
     @torch.no_grad()
     def basis_deviation(self, dtype: torch.dtype | None = None) -> tuple[float, float]:
-        """(deviation, tolerance) of the basis path in ``dtype`` (default: the weight's), measured once.
-
-        On a fixed probe X (64 rows, standard normal, rounded to ``dtype``), relative to the base
-        layer in float64 (max|·| / max|y₆₄|, δ = s = 0): deviation = error of X·(U·diag(λ)·Vᵀ)ᵀ
-        computed the basis path's way in ``dtype``; tolerance = ``reference.error_tolerance`` of
-        plain ``F.linear``'s error in ``dtype``. Factored layers always compute this way: (0, inf).
-        Measured again when the base weight changed since (its storage or version counter): U, λ
-        and V no longer reproduce a changed W, and the measurement then says so.
-        """
+        """(deviation, tolerance) of the basis path in ``dtype`` (default: the weight's), measured once
+        per dtype and again after W changed (``layer_state.basis_path_error``); factored: (0, inf)."""
         dtype = dtype or self.U.dtype
         if self.mode == "factored":
             return 0.0, float("inf")
         self.require_basis()
         base = self.base_weight
-        found = self._gate.measure(dtype, (base.data_ptr(), base._version), lambda: self._measure_in(dtype))
+        found = self._gate.measure(dtype, (base.data_ptr(), base._version), lambda: basis_path_error(
+            base, self.U, self.basis.V, self.lam, self.basis.pattern, dtype))
         return found.deviation, found.tolerance
-
-    def _measure_in(self, dtype: torch.dtype) -> tuple[float, float]:
-        gen = torch.Generator().manual_seed(0)
-        probe = torch.randn(self._PROBE_ROWS, self.in_features, generator=gen, dtype=torch.float64)
-        x = probe.to(device=self.U.device, dtype=dtype)
-        base = self.base_weight
-        exact = x.double() @ base.double().mT
-        plain = nn.functional.linear(x, base.to(dtype))
-        zeros = torch.zeros(self.k, dtype=dtype, device=x.device)
-        basis = frod_linear(x, None, None, self.U.to(dtype), self.basis.V.to(dtype), self.lam.to(dtype),
-                            self.basis.pattern, zeros, backend="torch", path="token")
-        return relative_error(basis, exact), error_tolerance(relative_error(plain, exact), dtype)
 
     def _basis_lam(self, dtype: torch.dtype) -> torch.Tensor | None:
         """λ when this call may take the basis path (additive, not exact, deviation in tolerance)."""
@@ -498,7 +479,10 @@ class FRoDLinear(nn.Module):
         base = self.base_weight
         was_original = self._provenance.is_original(base)
         if prefix + MERGED_MARKER in state_dict:
-            state_dict = self._from_merged_checkpoint(state_dict, prefix, error_msgs)
+            state_dict = frod_entries_of_merged(
+                state_dict, prefix, shape=(self.out_features, self.in_features), transposed=self.base_class is not
+                nn.Linear, base=base, merged_weight_of=self._merged_weight_of, error_msgs=error_msgs,
+            )
         incoming = state_dict.get(prefix + "weight")
         # Loading the values W already holds (a full checkpoint of this model) keeps its provenance.
         unchanged = base is None or incoming is None or (
@@ -517,41 +501,6 @@ class FRoDLinear(nn.Module):
             except ValueError as exc:  # load_state_dict raises with every message once all modules ran
                 error_msgs.append(f"{prefix or 'FRoDLinear'}: loaded, but could not merge again: {exc}")
         self._measure_basis()  # for the loaded W
-
-    def _from_merged_checkpoint(self, state_dict, prefix: str, error_msgs: list[str]) -> dict:
-        """This layer's entries of a merged checkpoint as a FRoD state dict: (W, b, δ, s) with W the
-        layer's own, after checking that W with the checkpoint's δ and s gives the checkpoint's W'
-        (within 2 ulp: the same on the same machine; another BLAS may round W' differently)."""
-        own = {key: value for key, value in state_dict.items()
-               if key.startswith(prefix) and "." not in key[len(prefix):] and key != prefix + MERGED_MARKER}
-        merged_weight, delta, values = (own.get(prefix + key) for key in ("weight", "delta", "sparse_values"))
-        where = prefix[:-1] or "FRoDLinear"
-        if not all(isinstance(t, torch.Tensor) for t in (merged_weight, delta, values)):
-            error_msgs.append(f"{where}: a merged checkpoint entry needs weight, delta and sparse_values")
-            return own
-        if self.base_class is not nn.Linear:  # Conv1D stores Wᵀ
-            merged_weight = merged_weight.mT
-        if (tuple(merged_weight.shape) != (self.out_features, self.in_features) or delta.shape != self.delta.shape
-                or values.shape != self.sparse_values.shape):
-            error_msgs.append(f"{where}: merged checkpoint shapes do not fit this layer")
-            return own
-        with torch.no_grad():
-            device = self.U.device
-            diag = delta.to(device) + (self.lam if self.mode == "factored" else 0)
-            expected = self._rotated(diag, values.to(device), self.base_weight)
-            got = merged_weight.to(device=device, dtype=expected.dtype)
-            if not torch.allclose(got, expected, rtol=0.0, atol=2 * torch.finfo(expected.dtype).eps * float(
-                    expected.abs().max())):
-                error_msgs.append(
-                    f"{where}: the checkpoint's merged weight is not this layer's base weight with the checkpoint's "
-                    f"delta and sparse_values: it was written from another base model (load it into that base)"
-                )
-                return own
-        if self.base_weight is None:
-            own.pop(prefix + "weight")
-        else:
-            own[prefix + "weight"] = self.base_weight
-        return own
 
     def _apply(self, fn, recurse: bool = True):
         # The weight kept for unmerge is a plain attribute: convert it with the module so that

@@ -21,7 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["BaseProvenance", "BasisGate", "BasisMeasurement", "WeightCache", "state_key"]
+from .functional import frod_linear
+from .pattern import SparsePattern
+from .reference import error_tolerance, relative_error
+
+__all__ = ["BaseProvenance", "BasisGate", "BasisMeasurement", "WeightCache", "basis_path_error", "state_key"]
 
 
 class _OptimizerSteps:
@@ -116,6 +120,28 @@ class BasisMeasurement:
     @property
     def within_tolerance(self) -> bool:
         return self.deviation <= self.tolerance
+
+
+_PROBE_ROWS = 64
+
+
+def basis_path_error(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, lam: torch.Tensor,
+                     pattern: SparsePattern, dtype: torch.dtype) -> tuple[float, float]:
+    """(deviation, tolerance) of computing x·Wᵀ as x·(U·diag(λ)·Vᵀ)ᵀ the basis path's way in ``dtype``.
+
+    On a fixed probe X (64 rows, standard normal, rounded to ``dtype``), relative to x·Wᵀ in float64
+    (max|·| / max|y₆₄|): deviation = the basis path's error; tolerance = ``reference.error_tolerance``
+    of plain ``F.linear``'s error in ``dtype``: the package's error criterion.
+    """
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(_PROBE_ROWS, weight.shape[1], generator=gen, dtype=torch.float64)
+    x = probe.to(device=U.device, dtype=dtype)
+    exact = x.double() @ weight.double().mT
+    plain = torch.nn.functional.linear(x, weight.to(dtype))
+    zeros = torch.zeros(pattern.k, dtype=dtype, device=x.device)
+    basis = frod_linear(x, None, None, U.to(dtype), V.to(dtype), lam.to(dtype), pattern, zeros, backend="torch",
+                        path="token")
+    return relative_error(basis, exact), error_tolerance(relative_error(plain, exact), dtype)
 
 
 class BasisGate:
