@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import frod_kernels as fk
+from frod_kernels.layer import REUSED_WEIGHT
 
 from _problems import randomise_frod
 
@@ -204,7 +205,7 @@ def test_shared_basis_is_not_duplicated(distributed_results, engine, mode):
     if engine in ("ddp_nosync", "ddp_accum"):
         assert info["buffers_per_forward"] == 0
     if engine == "ddp_accum":  # each step's second micro-batch reused the W' of its first
-        assert info["last_paths"] == ["weight, reused W'"]
+        assert info["last_paths"] == [REUSED_WEIGHT]
 
 
 def test_checkpoint_holds_no_derived_tensors(tmp_path):

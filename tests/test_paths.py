@@ -16,6 +16,7 @@ import frod_kernels as fk
 from frod_kernels import ops
 from frod_kernels.dispatch import choose_path, path_costs
 from frod_kernels.functional import frod_linear, frod_linear_reusing
+from frod_kernels.layer import REUSED_WEIGHT
 from frod_kernels.reference import frod_linear_reference
 
 from _problems import randomise_frod
@@ -218,7 +219,7 @@ def test_reused_weight_is_bit_identical(monkeypatch):
     gys = [torch.randn(6, 7, generator=g) for _ in range(3)]
     for x, gy in zip(xs, gys, strict=True):  # three micro-batches, δ and s unchanged
         assert torch.equal(_step(layer, x, gy), _step(fresh, x, gy))
-    assert layer.last_path == "weight, reused W'" and fresh.last_path == "weight"
+    assert layer.last_path == REUSED_WEIGHT and fresh.last_path == "weight"
     # the caching layer built W' for the first two calls (kept once a second call showed reuse),
     # the other one every call
     assert len(builds) == 2 + 3
@@ -271,7 +272,7 @@ def test_gradient_accumulation_matches_one_big_batch():
             x, target = torch.randn(5, 10, generator=g), torch.randn(5, 7, generator=g)
             for m in (layer, fresh):
                 (nn.functional.mse_loss(m(x), target) / 4).backward()
-        assert layer.last_path == "weight, reused W'"
+        assert layer.last_path == REUSED_WEIGHT
         opt.step()
         opt_fresh.step()
     assert torch.equal(layer.delta, fresh.delta) and torch.equal(layer.sparse_values, fresh.sparse_values)
@@ -295,7 +296,7 @@ def test_reuse_estimate_lets_accumulation_choose_the_weight_path():
         with torch.no_grad():
             layer.delta.add_(1e-3)
     assert taken[:4] == ["token"] * 4  # nothing known yet about reuse
-    assert taken[4:] == ["weight", "weight, reused W'", "weight, reused W'", "weight, reused W'"] * 2
+    assert taken[4:] == ["weight", REUSED_WEIGHT, REUSED_WEIGHT, REUSED_WEIGHT] * 2
 
 
 def test_plain_training_keeps_no_weight_between_steps():
@@ -345,7 +346,7 @@ def test_autocast_keys_the_reused_weight_by_compute_dtype():
         y = layer(x)
         layer(x)
         layer(x)
-    assert y.dtype == torch.bfloat16 and layer.last_path == "weight, reused W'"
+    assert y.dtype == torch.bfloat16 and layer.last_path == REUSED_WEIGHT
     assert layer._cache.weight.dtype == torch.bfloat16
     _step(layer, x, gy)  # float32 now: a new W'
     assert layer.last_path == "weight" and layer._cache.weight.dtype == torch.float32
