@@ -1,4 +1,4 @@
-"""Shared test fixtures: random FRoD problems with non-zero δ and s."""
+"""Shared test fixtures: random FRoD problems with non-zero δ and s, FRoD layers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from frod_kernels import frod_layers
+from frod_kernels import FRoDLinear, frod_layers
 from frod_kernels.pattern import SparsePattern, sample_sparse_pattern
 
 
@@ -56,3 +56,15 @@ def randomise_frod(module: nn.Module, scale: float, seed: int = 1) -> None:
         for layer in frod_layers(module).values():
             for p in (layer.delta, layer.sparse_values):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
+
+
+def frod_layer(o: int = 7, n: int = 10, *, rate: float = 0.2, seed: int = 1, dtype: torch.dtype = torch.float32,
+               device: str = "cpu", **kw) -> FRoDLinear:
+    """``FRoDLinear.from_linear`` (pattern ``seed``, ``kw``: mode, path, param_dtype, ...) of nn.Linear(n, o)
+    drawn after ``torch.manual_seed(0)`` and moved to ``dtype`` and ``device``, with δ and s from
+    ``randomise_frod(layer, 0.3)``."""
+    torch.manual_seed(0)
+    layer = FRoDLinear.from_linear(nn.Linear(n, o).to(device=device, dtype=dtype), sparse_rate=rate, seed=seed, **kw)
+    randomise_frod(layer, 0.3)
+    return layer
+

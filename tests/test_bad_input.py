@@ -19,18 +19,9 @@ import frod_kernels as fk
 from frod_kernels.decomposition import joint_decompose
 from frod_kernels.pattern import SparsePattern, sample_sparse_pattern
 
-from _problems import make_problem
+from _problems import frod_layer, make_problem
 
 N_IN, N_OUT = 6, 5
-
-
-def _layer(mode: str = "additive", seed: int = 0) -> fk.FRoDLinear:
-    torch.manual_seed(seed)
-    layer = fk.FRoDLinear.from_linear(nn.Linear(N_IN, N_OUT), sparse_rate=0.2, mode=mode)
-    with torch.no_grad():
-        layer.delta.normal_()
-        layer.sparse_values.normal_()
-    return layer
 
 
 class _Net(nn.Module):
@@ -150,7 +141,7 @@ def test_bad_pattern(indices, exc, match):
 
 
 def test_layer_input_mismatches():
-    layer = _layer()
+    layer = frod_layer(N_OUT, N_IN)
     with pytest.raises(TypeError, match="has dtype torch.float32, but x has dtype torch.float64"):
         layer(_f64(2, N_IN))
     with pytest.raises(ValueError, match="expected in_features = 6"):
@@ -170,7 +161,7 @@ def test_layer_construction_errors():
         fk.FRoDLinear.from_linear(lin, mode="replace")
     with pytest.raises(TypeError, match="param_dtype must be a floating-point dtype"):
         fk.FRoDLinear.from_linear(lin, param_dtype=torch.int32)
-    layer = _layer()
+    layer = frod_layer(N_OUT, N_IN)
     with pytest.raises(ValueError, match="basis does not fit a"):
         fk.FRoDLinear(lin.weight, None, layer.U[:, :3], layer.lam, layer.basis)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -247,7 +238,7 @@ def test_decomposition_shape_errors():
 @pytest.mark.parametrize("mode", ["additive", "factored"])
 @pytest.mark.parametrize("where,bad", [("delta", math.nan), ("sparse_values", math.inf)])
 def test_safe_merge_refuses_non_finite(mode, where, bad):
-    layer = _layer(mode)
+    layer = frod_layer(N_OUT, N_IN, mode=mode)
     before = None if mode == "factored" else layer.weight.detach().clone()
     with torch.no_grad():
         getattr(layer, where)[1] = bad
@@ -273,7 +264,7 @@ def test_merge_frod_rolls_back_when_one_layer_refuses():
 
 
 def test_factored_weight_refuses_tensor_use():
-    layer = _layer("factored")
+    layer = frod_layer(N_OUT, N_IN, mode="factored")
     w = layer.weight
     assert (w.shape, w.dtype, w.device, w.requires_grad) == ((N_OUT, N_IN), torch.float32, torch.device("cpu"), False)
     with pytest.raises(TypeError, match="factored FRoDLinear stores no weight tensor; use effective_weight"):
@@ -288,7 +279,7 @@ def test_factored_weight_refuses_tensor_use():
 @pytest.mark.parametrize("path", ["token", "weight"])
 @pytest.mark.parametrize("grad", [False, True])
 def test_non_finite_x_propagates_like_linear(path, grad):
-    layer = _layer()
+    layer = frod_layer(N_OUT, N_IN)
     layer.path = path
     dense = nn.Linear(N_IN, N_OUT)
     with torch.no_grad():

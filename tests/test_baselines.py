@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks.decompose_bench import published_joint_decompose
-from frod_kernels import FRoDLinear, joint_decompose
+from frod_kernels import joint_decompose
 from frod_kernels.bench.baselines import (
     LoRALinear,
     NaiveDenseFRoDLinear,
@@ -18,16 +18,9 @@ from frod_kernels.bench.baselines import (
 )
 from frod_kernels.reference import frod_linear_reference
 
+from _problems import frod_layer
+
 F64 = torch.float64
-
-
-def _frod_layer(o: int, n: int, rate: float = 0.05, seed: int = 0) -> FRoDLinear:
-    torch.manual_seed(seed)
-    layer = FRoDLinear.from_linear(torch.nn.Linear(n, o, dtype=F64), sparse_rate=rate, seed=seed)
-    with torch.no_grad():
-        layer.delta.normal_(0, 0.3)
-        layer.sparse_values.normal_(0, 0.3)
-    return layer
 
 
 def _grads(module: torch.nn.Module, x: torch.Tensor, gy: torch.Tensor) -> list[torch.Tensor]:
@@ -40,7 +33,7 @@ def _grads(module: torch.nn.Module, x: torch.Tensor, gy: torch.Tensor) -> list[t
 @pytest.mark.parametrize("cls", [PublishedFRoDLinear, NaiveDenseFRoDLinear])
 @pytest.mark.parametrize("o,n", [(48, 64), (64, 37)])
 def test_frod_baselines_match_reference(cls, o, n):
-    layer = _frod_layer(o, n)
+    layer = frod_layer(o, n, rate=0.05, seed=0, dtype=F64)
     x = torch.randn(3, 5, n, dtype=F64)
     gy = torch.randn(3, 5, o, dtype=F64)
     baseline = cls(layer)
@@ -58,7 +51,7 @@ def test_frod_baselines_match_reference(cls, o, n):
 
 
 def test_baselines_share_frozen_tensors_and_copy_trainables():
-    layer = _frod_layer(16, 16)
+    layer = frod_layer(16, 16, rate=0.05, seed=0, dtype=F64)
     pub = PublishedFRoDLinear(layer)
     assert pub.weight is layer.weight and pub.U is layer.U
     assert pub.delta is not layer.delta and torch.equal(pub.delta, layer.delta)

@@ -15,6 +15,8 @@ from torch import nn
 import frod_kernels as fk
 from frod_kernels.reference import frod_linear_reference
 
+from _problems import frod_layer
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LOW = [torch.bfloat16, torch.float16]
 ATOL = {torch.bfloat16: 2e-4, torch.float16: 2e-5}  # small next to the errors themselves (~3e-3, ~4e-4)
@@ -24,14 +26,8 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.norm(a.double() - ref) / torch.linalg.norm(ref))
 
 
-def _layer(mode: str = "additive", dtype=torch.float32, device="cpu", param_dtype=None, o=24, n=40, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(n, o).to(device=device, dtype=dtype)
-    layer = fk.FRoDLinear.from_linear(lin, sparse_rate=0.05, mode=mode, param_dtype=param_dtype)
-    with torch.no_grad():
-        layer.delta.normal_(0.0, 0.3)
-        layer.sparse_values.normal_(0.0, 0.3)
-    return layer
+def _layer(mode: str = "additive", dtype=torch.float32, device="cpu", param_dtype=None) -> fk.FRoDLinear:
+    return frod_layer(24, 40, rate=0.05, seed=0, dtype=dtype, device=device, mode=mode, param_dtype=param_dtype)
 
 
 def _reference_grads(layer: fk.FRoDLinear, x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype):

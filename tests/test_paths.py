@@ -19,14 +19,7 @@ from frod_kernels.functional import frod_linear, frod_linear_reusing
 from frod_kernels.layer import REUSED_WEIGHT
 from frod_kernels.reference import frod_linear_reference
 
-from _problems import randomise_frod
-
-
-def _layer(o: int = 7, n: int = 10, dtype: torch.dtype = torch.float32, **kw) -> fk.FRoDLinear:
-    torch.manual_seed(0)
-    layer = fk.FRoDLinear.from_linear(nn.Linear(n, o).to(dtype), sparse_rate=0.2, seed=1, **kw)
-    randomise_frod(layer, 0.3)
-    return layer
+from _problems import frod_layer
 
 
 def _reference(layer: fk.FRoDLinear, x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +61,7 @@ def _ref_call(layer: fk.FRoDLinear):
 @pytest.mark.parametrize("lead", [(5,), (2, 3), "non-contiguous"])
 @pytest.mark.parametrize("o,n", [(7, 10), (13, 5)])
 def test_basis_path_matches_reference(lead, o, n):
-    layer = _layer(o, n)
+    layer = frod_layer(o, n)
     g = torch.Generator().manual_seed(3)
     if lead == "non-contiguous":
         x = torch.randn(n, 6, generator=g).t()
@@ -85,7 +78,7 @@ def test_basis_path_matches_reference(lead, o, n):
 
 
 def test_basis_path_without_bias_and_gradcheck():
-    layer = _layer(dtype=torch.float64)
+    layer = frod_layer(dtype=torch.float64)
     x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
     delta = layer.delta.detach().clone().requires_grad_()
     values = layer.sparse_values.detach().clone().requires_grad_()
@@ -100,7 +93,7 @@ def test_basis_path_without_bias_and_gradcheck():
 
 
 def test_basis_path_needs_lam_and_weight():
-    layer = _layer()
+    layer = frod_layer()
     x = torch.randn(3, 10)
     with pytest.raises(ValueError, match="path='basis' needs"):
         frod_linear(x, layer.weight, None, layer.U, layer.basis.V, layer.delta, layer.basis.pattern,
@@ -168,10 +161,10 @@ def test_changed_base_weight_fails_the_gate():
 
 
 def test_basis_deviation_float64_and_factored():
-    layer = _layer(dtype=torch.float64)
+    layer = frod_layer(dtype=torch.float64)
     deviation, tolerance = layer.basis_deviation()
     assert deviation < 1e-13 and tolerance == 16 * torch.finfo(torch.float64).eps
-    assert _layer(mode="factored").basis_deviation() == (0.0, float("inf"))
+    assert frod_layer(mode="factored").basis_deviation() == (0.0, float("inf"))
     layer.float()
     assert layer._gate.dtypes() == {torch.float32}  # .to() measures again, for the new dtype
 
@@ -212,7 +205,7 @@ def _step(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
 
 def test_reused_weight_is_bit_identical(monkeypatch):
     builds = _count_builds(monkeypatch)
-    layer, fresh = _layer(path="weight"), _layer(path="weight")
+    layer, fresh = frod_layer(path="weight"), frod_layer(path="weight")
     fresh.cache_weight = False
     g = torch.Generator().manual_seed(5)
     xs = [torch.randn(6, 10, generator=g) for _ in range(3)]
@@ -232,7 +225,7 @@ def test_reused_weight_is_bit_identical(monkeypatch):
 @pytest.mark.parametrize("change", ["delta", "sparse_values", "weight", "optimizer", "load", "to", "merge",
                                     "clear"])
 def test_every_change_rebuilds_in_training(monkeypatch, change):
-    layer = _layer(path="weight")
+    layer = frod_layer(path="weight")
     x, gy = torch.randn(6, 10), torch.randn(6, 7)
     _step(layer, x, gy)
     builds = _count_builds(monkeypatch)
@@ -260,7 +253,7 @@ def test_every_change_rebuilds_in_training(monkeypatch, change):
 
 
 def test_gradient_accumulation_matches_one_big_batch():
-    layer, fresh = _layer(path="weight"), _layer(path="weight")
+    layer, fresh = frod_layer(path="weight"), frod_layer(path="weight")
     fresh.cache_weight = False
     opt = torch.optim.SGD([layer.delta, layer.sparse_values], lr=0.05)
     opt_fresh = torch.optim.SGD([fresh.delta, fresh.sparse_values], lr=0.05)
@@ -301,7 +294,7 @@ def test_reuse_estimate_lets_accumulation_choose_the_weight_path():
 
 def test_plain_training_keeps_no_weight_between_steps():
     """Every step changes δ: no reuse is seen, so no W' is held between steps."""
-    layer = _layer(path="weight")
+    layer = frod_layer(path="weight")
     opt = torch.optim.SGD([layer.delta, layer.sparse_values], lr=0.1)
     for _ in range(3):
         opt.zero_grad()
@@ -316,7 +309,7 @@ def test_activation_checkpointing_matches(reentrant):
     the evaluation cache) gives the gradients of an uncheckpointed, uncached layer."""
     torch.manual_seed(0)
     pre = nn.Linear(10, 10)
-    layer, fresh = _layer(path="weight"), _layer(path="weight")
+    layer, fresh = frod_layer(path="weight"), frod_layer(path="weight")
     fresh.cache_weight = False
     x = torch.randn(4, 10, requires_grad=True)
     gy = torch.randn(4, 7)
@@ -332,7 +325,7 @@ def test_activation_checkpointing_matches(reentrant):
 
 
 def test_compiled_training_does_not_cache():
-    layer = _layer(path="weight")
+    layer = frod_layer(path="weight")
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x = torch.randn(4, 10)
     compiled(x).sum().backward()
@@ -340,7 +333,7 @@ def test_compiled_training_does_not_cache():
 
 
 def test_autocast_keys_the_reused_weight_by_compute_dtype():
-    layer = _layer(path="weight")
+    layer = frod_layer(path="weight")
     x, gy = torch.randn(4, 10), torch.randn(4, 7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
@@ -353,7 +346,7 @@ def test_autocast_keys_the_reused_weight_by_compute_dtype():
 
 
 def test_reusing_entry_point_checks_the_given_weight():
-    layer = _layer()
+    layer = frod_layer()
     x = torch.randn(3, 10)
     args = (x, layer.weight, None, layer.U, layer.basis.V, layer.delta, layer.basis.pattern, layer.sparse_values)
     with pytest.raises(ValueError, match=r"rotated_weight has shape \(7, 9\)"):

@@ -5,20 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import frod_kernels as fk
 from frod_kernels.reference import frod_linear_reference
 
-from _problems import randomise_frod
-
-
-def _layer(mode: str = "additive") -> fk.FRoDLinear:
-    torch.manual_seed(0)
-    layer = fk.FRoDLinear.from_linear(nn.Linear(10, 7), sparse_rate=0.2, seed=1, mode=mode)
-    randomise_frod(layer, 0.3)
-    return layer
-
+from _problems import frod_layer
 
 X = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(1))
 
@@ -41,7 +32,7 @@ def _builds(layer: fk.FRoDLinear, monkeypatch) -> list:
 
 @pytest.mark.parametrize("mode", ["additive", "factored"])
 def test_cache_is_reused_and_exact(monkeypatch, mode):
-    layer = _layer(mode)
+    layer = frod_layer(mode=mode)
     builds = _builds(layer, monkeypatch)
     with torch.no_grad():
         y1, y2 = layer(X), layer(X[:1])
@@ -56,7 +47,7 @@ def test_cache_is_reused_and_exact(monkeypatch, mode):
 
 
 def test_every_change_rebuilds(monkeypatch):
-    layer = _layer()
+    layer = frod_layer()
     builds = _builds(layer, monkeypatch)
     opt = torch.optim.SGD([layer.delta, layer.sparse_values], lr=0.1)
     layer.eval()
@@ -89,7 +80,7 @@ def test_every_change_rebuilds(monkeypatch):
 
 
 def test_training_calls_and_disabled_cache_use_the_op(monkeypatch):
-    layer = _layer()
+    layer = frod_layer()
     builds = _builds(layer, monkeypatch)
     y = layer(X)  # δ and s need gradients: the custom op, no cache
     assert y.requires_grad and not builds
@@ -98,7 +89,7 @@ def test_training_calls_and_disabled_cache_use_the_op(monkeypatch):
         torch.testing.assert_close(layer(X), _expected(layer), rtol=1e-5, atol=1e-5)
     assert not builds
     layer.cache_weight = True
-    frozen = _layer()
+    frozen = frod_layer()
     frozen.requires_grad_(False)
     x = X.clone().requires_grad_()
     frozen(x).sum().backward()  # a frozen adapter: cached W', gradient for x still right
@@ -106,7 +97,7 @@ def test_training_calls_and_disabled_cache_use_the_op(monkeypatch):
 
 
 def test_bad_input_still_named():
-    layer = _layer()
+    layer = frod_layer()
     with torch.no_grad(), pytest.raises(ValueError, match="x has last dimension"):
         layer(torch.randn(3, 9))
     with torch.no_grad(), pytest.raises(TypeError, match="dtype torch.float32, but x has dtype torch.float64"):
@@ -114,7 +105,7 @@ def test_bad_input_still_named():
 
 
 def test_compiled_model_does_not_use_the_cache():
-    layer = _layer()
+    layer = frod_layer()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         y = compiled(X)
@@ -123,7 +114,7 @@ def test_compiled_model_does_not_use_the_cache():
 
 
 def test_accumulation_dtype():
-    layer = _layer()
+    layer = frod_layer()
     assert layer._accumulation_dtype() == torch.float64  # CPU: float64, rounded once
     assert layer.to("meta")._accumulation_dtype() == torch.float32  # accelerators: float32 (fp64 is slow there)
-    assert _layer().double().to("meta")._accumulation_dtype() == torch.float64
+    assert frod_layer().double().to("meta")._accumulation_dtype() == torch.float64
