@@ -1,4 +1,4 @@
-"""Shared test fixtures: random FRoD problems with non-zero δ and s, FRoD layers."""
+"""Shared test fixtures: random FRoD problems with non-zero δ and s, FRoD layers, a tiny BERT."""
 
 from __future__ import annotations
 
@@ -68,3 +68,20 @@ def frod_layer(o: int = 7, n: int = 10, *, rate: float = 0.2, seed: int = 1, dty
     randomise_frod(layer, 0.3)
     return layer
 
+
+def tiny_bert(labels: int | None = 3, *, hidden: int = 32, layers: int = 2, intermediate: int = 48, vocab: int = 64,
+              positions: int = 16, seed: int = 0) -> nn.Module:
+    """A random BERT from a small config (no hub access, dropout off) drawn after ``torch.manual_seed(seed)``:
+    a BertForSequenceClassification with ``labels`` classes, or the BertModel alone for None."""
+    import transformers  # the tests that use it skip without it
+
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=intermediate,
+        vocab_size=vocab, max_position_embeddings=positions, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    if labels is None:
+        return transformers.BertModel(cfg)
+    cfg.num_labels = labels
+    return transformers.BertForSequenceClassification(cfg)

@@ -18,7 +18,7 @@ from torch import nn
 import frod_kernels as fk
 from frod_kernels.pattern import num_sparse_entries
 
-from _problems import randomise_frod
+from _problems import randomise_frod, tiny_bert
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -38,14 +38,6 @@ class Spec:
 
 def _ids(g: torch.Generator, vocab: int = 64, shape=(2, 10)) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=g)
-
-
-def _bert() -> nn.Module:
-    cfg = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=64,
-        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(cfg)
 
 
 def _llama() -> nn.Module:
@@ -76,7 +68,7 @@ def _clip_inputs(g: torch.Generator) -> dict:
 
 SPECS = {
     "bert": Spec(
-        _bert, ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"], 6,
+        tiny_bert, ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"], 6,
         loss=lambda m, b: m(**b).loss, output=lambda m, b: m(**b).logits,
         inputs=lambda g: {"input_ids": _ids(g), "labels": torch.randint(0, 3, (2,), generator=g)},
     ),

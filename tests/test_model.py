@@ -7,7 +7,7 @@ from torch import nn
 import frod_kernels as fk
 from frod_kernels.pattern import num_sparse_entries
 
-from _problems import randomise_frod
+from _problems import randomise_frod, tiny_bert
 
 transformers = pytest.importorskip("transformers")
 
@@ -16,12 +16,7 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def _bert(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=80, vocab_size=120,
-        max_position_embeddings=32,
-    )
-    return transformers.BertModel(cfg).eval()
+    return tiny_bert(None, hidden=48, layers=3, intermediate=80, vocab=120, positions=32, seed=seed).eval()
 
 
 def _llama(seed=0):
@@ -160,9 +155,7 @@ def test_load_into_wrong_model_is_refused(tmp_path):
     fk.save_frod(model, path)
     with pytest.raises(ValueError, match="base weights differ"):
         fk.load_frod(_bert(seed=1), path)
-    other_shape = transformers.BertModel(transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=80, vocab_size=120,
-    ))
+    other_shape = tiny_bert(None, layers=3, intermediate=80, vocab=120, positions=32)
     with pytest.raises(ValueError, match="shape|differ"):
         fk.load_frod(other_shape, path)
     different_pattern = _bert(seed=0)

@@ -13,20 +13,15 @@ from torch import nn
 
 import frod_kernels as fk
 
-from _problems import randomise_frod
+from _problems import randomise_frod, tiny_bert
 
 transformers = pytest.importorskip("transformers")
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
-def _classifier(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=90,
-        max_position_embeddings=24, num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(cfg).eval()
+def _classifier() -> nn.Module:
+    return tiny_bert(vocab=90, positions=24).eval()
 
 
 IDS = torch.randint(0, 90, (3, 10), generator=torch.Generator().manual_seed(0))
