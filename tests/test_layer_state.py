@@ -63,20 +63,14 @@ class _Builder:
         return torch.full((2, 2), float(len(self.calls)))
 
 
-def test_eval_weight_builds_once_per_key_under_no_grad():
+def test_eval_weight_builds_once_per_key_and_frees_the_stale_one_first():
     cache = WeightCache()
     build = _Builder(cache)
     first = cache.eval_weight(("k", 1), build)
     assert cache.eval_weight(("k", 1), build) is first and cache.weight is first
-    assert build.calls == [(True, False)]
-
-
-def test_eval_weight_frees_the_stale_weight_before_rebuilding():
-    cache = WeightCache()
-    build = _Builder(cache)
-    first = cache.eval_weight(("k", 1), build)
+    assert build.calls == [(True, False)]  # built under no_grad
     second = cache.eval_weight(("k", 2), build)
-    assert build.calls == [(True, False), (True, False)]  # the second build saw an empty slot
+    assert build.calls == [(True, False), (True, False)]  # the rebuild saw an empty slot
     assert second is not first and cache.weight is second
     assert cache.eval_weight(("k", 2), build) is second and len(build.calls) == 2
 
