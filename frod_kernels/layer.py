@@ -412,8 +412,13 @@ class FRoDLinear(nn.Module):
         self._invalidate()
 
     def _state_key(self, *extra) -> tuple:
-        base = self.base_weight
-        tensors = (self.delta, self.sparse_values, self.U, self.basis.V) + (() if base is None else (base,))
+        """The key of δ, s, U, V and W now (``layer_state.state_key``), plus ``extra``. Read from the module's
+        dicts: ``nn.Module.__getattr__`` costs about a microsecond per name, and unmerged decoding calls
+        this once per layer per token."""
+        params = self._parameters
+        tensors = (params["delta"], params["sparse_values"], self._buffers["U"], self._modules["basis"]._buffers["V"])
+        if self.mode == "additive":
+            tensors += (self._unmerged_weight if self.merged else params["weight"],)
         return (state_key(tensors), *extra)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -421,17 +426,19 @@ class FRoDLinear(nn.Module):
         if self.merged:
             self.last_path = MERGED
             return nn.functional.linear(x, self.weight, self.bias)
-        training = torch.is_grad_enabled() and (self.delta.requires_grad or self.sparse_values.requires_grad)
+        params = self._parameters
+        training = torch.is_grad_enabled() and (params["delta"].requires_grad or params["sparse_values"].requires_grad)
         compiling = torch.compiler.is_compiling()
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return frod_linear(x, self.base_weight, self.bias, self.U, self.basis.V, self._diag(),
                                self.basis.pattern, self.sparse_values)  # names the problem
         if self.cache_weight and not training and not compiling and self._is_plain_input(x):
-            self.last_path = CACHED_WEIGHT
-            return nn.functional.linear(x, self._cache.eval_weight(self._state_key(), self.effective_weight), self.bias)
+            self.__dict__["last_path"] = CACHED_WEIGHT  # a plain attribute: Module.__setattr__ costs µs per call
+            return nn.functional.linear(x, self._cache.eval_weight(self._state_key(), self.effective_weight),
+                                        params.get("bias"))
         dtype = compute_dtype(x)
-        key = self._state_key(dtype, self.backend)
         reuse = self.cache_weight and training and not compiling
+        key = self._state_key(dtype, self.backend) if reuse else None
         given, share, keep = self._cache.training_slot(key) if reuse else (None, 1.0, False)
         y, taken, built = frod_linear_reusing(
             x, self.base_weight, self.bias, self.U, self.basis.V, self._diag(), self.basis.pattern,
@@ -447,7 +454,8 @@ class FRoDLinear(nn.Module):
     def _is_plain_input(self, x: torch.Tensor) -> bool:
         """x can meet the cached W' in a plain linear: W's dtype and device, last dim n (anything else goes
         to ``frod_linear``, which names the problem)."""
-        return x.dim() > 0 and x.shape[-1] == self.in_features and x.dtype == self.U.dtype and x.device == self.U.device
+        U = self._buffers["U"]
+        return x.dim() > 0 and x.shape[-1] == self.in_features and x.dtype == U.dtype and x.device == U.device
 
     def _call_path(self) -> str:
         if self.path == "basis" and self.exact:
