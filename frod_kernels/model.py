@@ -43,11 +43,7 @@ from .targets import (
     replace_module,
 )
 
-__all__ = [
-    "CategorySpec", "FRoDCategoryWarning", "apply_categories", "apply_frod", "category_name", "frod_param_groups",
-    "merge_frod",
-    "unload_frod", "unmerge_frod",
-]
+__all__ = ["FRoDCategoryWarning", "apply_frod", "frod_param_groups", "merge_frod", "unload_frod", "unmerge_frod"]
 
 logger = logging.getLogger("frod_kernels")
 

@@ -141,14 +141,14 @@ def tf32_state():
 @_NEW_TF32_API
 def test_input_precision_follows_the_legacy_tf32_api(tf32_state):
     tf32_state.allow_tf32 = False
-    assert triton_backend._input_precision(torch.float32) == "ieee"
+    assert triton_backend.input_precision(torch.float32) == "ieee"
     tf32_state.allow_tf32 = True
-    assert triton_backend._input_precision(torch.float32) == "tf32"
-    assert triton_backend._input_precision(torch.float64) == "ieee"
+    assert triton_backend.input_precision(torch.float32) == "tf32"
+    assert triton_backend.input_precision(torch.float64) == "ieee"
     torch.set_float32_matmul_precision("highest")
-    assert triton_backend._input_precision(torch.float32) == "ieee"
+    assert triton_backend.input_precision(torch.float32) == "ieee"
     torch.set_float32_matmul_precision("high")
-    assert triton_backend._input_precision(torch.float32) == "tf32"
+    assert triton_backend.input_precision(torch.float32) == "tf32"
 
 
 @_NEW_TF32_API
@@ -156,15 +156,15 @@ def test_input_precision_follows_the_new_tf32_api(tf32_state):
     """torch ≥ 2.9: after the new API is used, reading the legacy allow_tf32 raises; the backend
     must not read it (and must still follow the setting, including the generic fallback)."""
     tf32_state.fp32_precision = "tf32"
-    assert triton_backend._input_precision(torch.float32) == "tf32"
+    assert triton_backend.input_precision(torch.float32) == "tf32"
     tf32_state.fp32_precision = "ieee"
-    assert triton_backend._input_precision(torch.float32) == "ieee"
+    assert triton_backend.input_precision(torch.float32) == "ieee"
     tf32_state.fp32_precision = "none"  # defer to torch.backends.fp32_precision
     torch.backends.fp32_precision = "tf32"
-    assert triton_backend._input_precision(torch.float32) == "tf32"
+    assert triton_backend.input_precision(torch.float32) == "tf32"
     torch.backends.fp32_precision = "ieee"
-    assert triton_backend._input_precision(torch.float32) == "ieee"
-    assert triton_backend._input_precision(torch.bfloat16) == "ieee"  # TF32 is an fp32 matter
+    assert triton_backend.input_precision(torch.float32) == "ieee"
+    assert triton_backend.input_precision(torch.bfloat16) == "ieee"  # TF32 is an fp32 matter
 
 
 _NEW_API_SCRIPT = """
@@ -178,7 +178,7 @@ except RuntimeError as exc:
 from frod_kernels.backends import triton_backend
 a = torch.randn(9, 7)
 out = triton_backend.dual_matmul(a, a, a, a)
-print("precision", triton_backend._input_precision(torch.float32), tuple(out.shape))
+print("precision", triton_backend.input_precision(torch.float32), tuple(out.shape))
 """
 
 

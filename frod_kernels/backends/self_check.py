@@ -64,10 +64,10 @@ def triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
         return True
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    from .triton_backend import _input_precision
+    from .triton_backend import input_precision
 
     # float32 runs other kernels with TF32 on than off: each precision gets its own check.
-    key = (device, dtype, _input_precision(dtype))
+    key = (device, dtype, input_precision(dtype))
     if key in _results:
         return _results[key]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -109,7 +109,7 @@ def _check(device: torch.device, dtype: torch.dtype) -> str | None:
     """None if every Triton primitive matches the PyTorch backend here, else what went wrong."""
     from . import torch_backend, triton_backend
 
-    tol = _TF32_TOL if triton_backend._input_precision(dtype) == "tf32" else _TOL.get(dtype, 1e-2)
+    tol = _TF32_TOL if triton_backend.input_precision(dtype) == "tf32" else _TOL.get(dtype, 1e-2)
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:

@@ -51,6 +51,7 @@ __all__ = [
     "dual_matmul",
     "dual_matmul_configs",
     "gpu_tier",
+    "input_precision",
     "is_available",
     "m_matmul",
     "m_matmul_configs",
@@ -443,7 +444,7 @@ def tf32_enabled() -> bool:
     return precision == "tf32"
 
 
-def _input_precision(dtype: torch.dtype) -> str:
+def input_precision(dtype: torch.dtype) -> str:
     """TF32 only where PyTorch would use it for the same float32 matmul; exact products otherwise."""
     return "tf32" if dtype == torch.float32 and tf32_enabled() else "ieee"
 
@@ -491,7 +492,7 @@ def dual_matmul(
         bias = out  # never read (HAS_BIAS is False)
     K2 = a2.shape[1] if has_second else 0
     strides = (*a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), bias.stride(0), *out.stride())
-    precision = _input_precision(a1.dtype)
+    precision = input_precision(a1.dtype)
     aligned = _aligned((a1, b1, a2, b2, bias, out), strides)
     kernel = _dual_tuner(dual_matmul_configs(a1.dtype, precision, _capability(a1), aligned))
 
