@@ -25,7 +25,8 @@ def frod_entries_of_merged(
         shape: the layer's (o, n); transposed: the checkpoint stores W'ᵀ (transformers' Conv1D).
         base: the layer's own W, which replaces W' (None in factored mode: no weight entry).
         merged_weight_of: (δ, s) → W' as the layer merges it (float64 accumulation, rounded once).
-        error_msgs: where a mismatch is reported (``load_state_dict`` raises with all of them).
+        error_msgs: where a mismatch is reported (``load_state_dict`` raises with all of them); the
+            layer's entries are then dropped, so the layer is left as it was.
 
     W' must match within 2 ulp of its largest entry: equal on the same machine, while another BLAS
     may round the float64 product differently; a checkpoint of another base is far outside that.
@@ -52,7 +53,7 @@ def frod_entries_of_merged(
                 f"{where}: the checkpoint's merged weight is not this layer's base weight with the checkpoint's "
                 f"delta and sparse_values: it was written from another base model (load it into that base)"
             )
-            return own
+            return {}  # nothing of it: the layer keeps its W, δ and s (load_state_dict raises afterwards)
     if base is None:
         own.pop(prefix + "weight")
     else:

@@ -109,13 +109,15 @@ def _group(targets: list[Target], taken: set[str]) -> dict[str, list[Target]]:
 
 def _warn_single_layer_categories(groups: dict[str, list[Target]], target_modules: str | Sequence[str]) -> None:
     """A suffix that matched a lone layer (BERT's ``pooler.dense`` for ``"dense"``) is usually an
-    accident: its basis is not shared and, for o < n, ill-conditioned. Named in full, or by a regex,
-    it is a choice."""
+    accident: its basis is not shared and, for o < n, ill-conditioned. Named in full, with its layer
+    index, or by a regex, it is a choice."""
     if isinstance(target_modules, str):
         return
-    named = set(target_modules)
+    matches = [(entry, matcher([entry])) for entry in target_modules]
     for cat, members in groups.items():
-        if len(members) == 1 and not named & set(members[0].aliases):
+        entries = [entry for entry, match in matches if any(match(a) for a in members[0].aliases)]
+        if len(members) == 1 and not any(entry in members[0].aliases or re.search(r"(^|\.)\d+\.", entry)
+                                         for entry in entries):
             warnings.warn(
                 f"apply_frod: category {cat!r} has one layer ({members[0].name!r}): its basis is not shared with "
                 f"other layers. If you meant to adapt it, name it in full in target_modules; otherwise use "
@@ -278,7 +280,11 @@ def apply_categories(
         spec = specs[cat]
         config = FRoDConfig(spec.layers, spec.sparse_rate, reg=spec.reg, mode=spec.mode,
                             param_dtype=param_dtypes[cat])
-        _build_category(tx, cat, members, spec, config)
+        # The weights are a rounding of the adapter's base: its record (other dtypes) stays theirs too, so
+        # an adapter saved again from this model still loads wherever the first one did.
+        own = fingerprints_by_dtype([as_linear(t.module).weight for t in members])
+        record = {dtype: fp for dtype, fp in fingerprints[cat].items() if dtype != "any"}
+        _build_category(tx, cat, members, spec, config, fingerprints={**record, **own})
     install_checkpoint_guard(model)
 
 

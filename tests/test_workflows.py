@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 import frod_kernels as fk
 
-from _problems import randomise_frod
+from _problems import randomise_frod, tiny_bert
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' Trainer needs it
@@ -341,3 +342,96 @@ def test_both_checkpointing_names_train(method):
     model(IDS, labels=IDS).loss.backward()
     grads = [layer.delta.grad for layer in fk.frod_layers(model).values()]
     assert all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+# -- refusals named in the error catalogue ----------------------------------------------------------
+
+
+def test_refused_resume_leaves_the_layers_as_they_were(tmp_path):
+    model = _frod_llama()
+    randomise_frod(model, 1e-2)
+    model.save_pretrained(tmp_path / "ckpt")
+    other = _llama(seed=1)
+    fk.apply_frod(other, fk.FRoDConfig(TARGETS))
+    before = {name: (layer.weight.clone(), layer.delta.clone()) for name, layer in fk.frod_layers(other).items()}
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(RuntimeError, match="written from another base model"):
+        other.load_state_dict(state, strict=False)
+    for name, layer in fk.frod_layers(other).items():
+        assert torch.equal(layer.weight, before[name][0]) and torch.equal(layer.delta, before[name][1])
+    del state["model.layers.0.self_attn.q_proj.delta"]
+    state["model.layers.1.self_attn.q_proj.weight"] = state["model.layers.1.self_attn.q_proj.weight"][:, :5]
+    with pytest.raises(RuntimeError, match="needs weight, delta and sparse_values") as info:
+        _frod_llama().load_state_dict(state, strict=False)
+    assert "merged weight has shape (48, 5)" in str(info.value)
+
+
+def test_resaved_adapter_keeps_every_dtype_of_its_base(tmp_path):
+    model = _frod_llama()
+    randomise_frod(model, 1e-2)
+    fk.save_frod(model, tmp_path / "first")
+    in_bf16 = fk.load_frod(_llama(dtype=torch.bfloat16), tmp_path / "first")
+    fk.save_frod(in_bf16, tmp_path / "again")
+    for dtype in DTYPES:
+        fk.load_frod(_llama(dtype=dtype), tmp_path / "again")  # fp16 too: the record came along
+
+
+def test_format_2_adapters_still_load(tmp_path):
+    """Format 2 recorded one fingerprint, of the weights in the dtype they were saved in."""
+    import json
+
+    from safetensors.torch import load_file, safe_open, save_file
+
+    model = _frod_llama()
+    randomise_frod(model, 1e-2)
+    fk.save_frod(model, tmp_path / "v3.safetensors")
+    with safe_open(str(tmp_path / "v3.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    cats = json.loads(meta["categories"])
+    for cat in cats.values():
+        cat["fingerprint"] = cat.pop("fingerprints")["float32"]
+    meta.update(version="2", categories=json.dumps(cats))
+    save_file(load_file(str(tmp_path / "v3.safetensors")), str(tmp_path / "v2.safetensors"), metadata=meta)
+    assert torch.equal(_logits(fk.load_frod(_llama(), tmp_path / "v2.safetensors")), _logits(model))
+    with pytest.raises(ValueError, match="format 2"):
+        fk.load_frod(_llama(dtype=torch.bfloat16), tmp_path / "v2.safetensors")
+
+
+def test_apply_frod_options_come_from_one_place():
+    with pytest.raises(TypeError, match="FRoDConfig and the keywords"):
+        fk.apply_frod(_llama(), fk.FRoDConfig(TARGETS), sparse_rate=0.1)
+    with pytest.raises(TypeError, match="unknown options"):
+        fk.apply_frod(_llama(), TARGETS, sparse_rte=0.1)
+    with pytest.warns(fk.FRoDCategoryWarning, match="'bert.pooler.dense' has one layer"):
+        fk.apply_frod(tiny_bert(), ["dense"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fk.FRoDCategoryWarning)
+        fk.apply_frod(_llama(), ["lm_head"])  # named in full: a choice
+        fk.apply_frod(_llama(), ["layers.0.mlp.down_proj"])  # with its layer index: a choice
+        fk.apply_frod(_llama(), r"model\.layers\.1\.mlp\.up_proj")  # a regex: a choice
+
+
+def test_everything_that_needs_the_basis_refuses_after_to_empty(tmp_path):
+    model = _frod_llama()
+    model.to("meta").to_empty(device="cpu")
+    layer = next(iter(fk.frod_layers(model).values()))
+    for call in (layer.merge, layer.effective_weight, lambda: layer(torch.randn(2, 48))):
+        with pytest.raises(RuntimeError, match="to_empty"):
+            call()
+    with pytest.raises(ValueError, match="holds no values"):
+        fk.save_frod(model, tmp_path / "adapter")
+    factored = _llama()
+    fk.apply_frod(factored, fk.FRoDConfig(TARGETS, mode="factored"))
+    fk.save_frod(factored, tmp_path / "factored")
+    factored.to("meta").to_empty(device="cpu")
+    with pytest.raises(ValueError, match="factored mode keeps no W"):
+        fk.load_frod(factored, tmp_path / "factored")
+
+
+def test_export_save_pretrained_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        fk.save_pretrained(nn.Sequential(fk.FRoDLinear.from_linear(nn.Linear(8, 8))), tmp_path / "x")
+    with pytest.raises(TypeError, match="do not pass state_dict"):
+        fk.save_pretrained(_frod_llama(), tmp_path / "x", state_dict={})
