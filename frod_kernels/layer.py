@@ -422,6 +422,7 @@ class FRoDLinear(nn.Module):
         return (state_key(tensors), *extra)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """merged → plain linear; evaluation → the cached W' in a plain linear; else the custom op."""
         self.require_basis()
         if self.merged:
             self.last_path = MERGED
@@ -436,8 +437,11 @@ class FRoDLinear(nn.Module):
             self.__dict__["last_path"] = CACHED_WEIGHT  # a plain attribute: Module.__setattr__ costs µs per call
             return nn.functional.linear(x, self._cache.eval_weight(self._state_key(), self.effective_weight),
                                         params.get("bias"))
+        return self._op_call(x, reuse=self.cache_weight and training and not compiling, compiling=compiling)
+
+    def _op_call(self, x: torch.Tensor, reuse: bool, compiling: bool) -> torch.Tensor:
+        """The custom op, given the W' of an earlier call with the same key when ``reuse`` (WeightCache)."""
         dtype = compute_dtype(x)
-        reuse = self.cache_weight and training and not compiling
         key = self._state_key(dtype, self.backend) if reuse else None
         given, share, keep = self._cache.training_slot(key) if reuse else (None, 1.0, False)
         y, taken, built = frod_linear_reusing(
