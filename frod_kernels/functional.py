@@ -193,7 +193,7 @@ def frod_linear_reusing(
     if resolved_path == "basis":  # the token path with W = U·diag(λ)·Vᵀ folded into the diagonal
         operands = operands._replace(weight=None, diag=(lam.to(delta.dtype) + delta).to(dtype))
     with torch.autocast(device.type, enabled=False) if amp_dtype is not None else contextlib.nullcontext():
-        y, saved = ops.frod_linear_forward(
+        y, saved = ops.frod_linear_call(
             x2, *operands.as_op_args(), rotated_weight if resolved_path == "weight" else None,
             "token" if resolved_path == "basis" else resolved_path, resolved_backend, save,
         )

@@ -39,6 +39,10 @@ path called with W absent and the diagonal λ + δ). ``frod_linear`` resolves th
 inputs, builds the ``Operands`` and flattens x. ``frod_linear_forward`` returns (Y, saved): the
 tensor the backward needs beyond X (Zᵀ for the token path, W' for the weight path), or an empty
 tensor when no gradient will be asked for or when W' was given (then the given one is kept).
+
+``frod_linear`` calls it through ``frod_linear_call``: the custom ops while torch.compile traces,
+and in eager mode the same functions and autograd formula through a plain autograd.Function
+(``_Eager``), which skips the dispatcher's per-call work around a Python custom op.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from .dispatch import get_backend
 from .pattern import SparsePattern
 from .reference import rotation_matrix
 
-__all__ = ["Operands", "frod_linear_backward", "frod_linear_forward"]
+__all__ = ["Operands", "frod_linear_backward", "frod_linear_call", "frod_linear_forward"]
 
 Tensor = torch.Tensor
 
@@ -149,8 +153,7 @@ def _operands(weight, bias, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_p
     return Operands(weight, bias, U, V, diag, values, SparsePattern(indices, csr_ptr, csc_ptr, csc_perm))
 
 
-@torch.library.custom_op("frod_kernels::frod_linear_forward", mutates_args=())
-def frod_linear_forward(
+def _forward(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -173,6 +176,9 @@ def frod_linear_forward(
     return _FORWARD[path](get_backend(backend), x, op, save, rotated_weight)
 
 
+frod_linear_forward = torch.library.custom_op("frod_kernels::frod_linear_forward", _forward, mutates_args=())
+
+
 @frod_linear_forward.register_fake
 def _(x, weight, bias, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm, rotated_weight, path, backend, save):
     y = x.new_empty(x.shape[0], U.shape[0])
@@ -183,8 +189,7 @@ def _(x, weight, bias, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm, 
     return y, x.new_empty(U.shape[0], V.shape[0])
 
 
-@torch.library.custom_op("frod_kernels::frod_linear_backward", mutates_args=())
-def frod_linear_backward(
+def _backward_kernel(
     grad_y: Tensor,
     x: Tensor,
     saved: Tensor,
@@ -209,6 +214,9 @@ def frod_linear_backward(
     return tuple(x.new_empty(0) if g is None else g for g in (dx, dd, ds))
 
 
+frod_linear_backward = torch.library.custom_op("frod_kernels::frod_linear_backward", _backward_kernel, mutates_args=())
+
+
 @frod_linear_backward.register_fake
 def _(grad_y, x, saved, weight, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm, path, backend,
       need_x, need_params):
@@ -222,7 +230,10 @@ def _setup_context(ctx, inputs, output):
     x, weight, _, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm, rotated_weight, path, backend, _ = inputs
     saved = rotated_weight if path == "weight" and rotated_weight is not None else output[1]
     ctx.save_for_backward(x, saved, weight, U, V, diag, values, indices, csr_ptr, csc_ptr, csc_perm)
-    ctx.path, ctx.backend = path, backend
+    ctx.path, ctx.backend, ctx.kernel = path, backend, frod_linear_backward
+    # No gradient flows into ``saved`` (the backward ignores one): without this, autograd would
+    # fill an (n, N) tensor of zeros for it on every call.
+    ctx.set_materialize_grads(False)
 
 
 def _differentiable_backward(grad_y, x, op: Operands):
@@ -236,6 +247,8 @@ def _differentiable_backward(grad_y, x, op: Operands):
 
 
 def _backward(ctx, grad_y, _grad_saved):
+    if grad_y is None:  # y took no part in the loss (grads are not materialised, see _setup_context)
+        return (None,) * 15
     x, saved, weight, U, V, diag, values, *pattern = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_x, need_params, need_bias = need[0], need[5] or need[6], need[2]
@@ -243,7 +256,7 @@ def _backward(ctx, grad_y, _grad_saved):
     if torch.is_grad_enabled() and (need_x or need_params):  # create_graph=True: the backward is recorded
         dx, dd, ds = _differentiable_backward(grad_y, x, _operands(weight, None, U, V, diag, values, *pattern))
     elif need_x or need_params:
-        dx, dd, ds = frod_linear_backward(
+        dx, dd, ds = ctx.kernel(
             grad_y, x, saved, weight, U, V, diag, values, *pattern, ctx.path, ctx.backend, need_x, need_params,
         )
     db = grad_y.sum(0) if need_bias else None
@@ -255,3 +268,34 @@ def _backward(ctx, grad_y, _grad_saved):
 
 
 torch.library.register_autograd("frod_kernels::frod_linear_forward", _backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """``frod_linear_forward`` and its autograd formula, run without the custom-op machinery.
+
+    The same kernels, the same saved tensors, the same backward (``_forward``, ``_setup_context``,
+    ``_backward``, ``_backward_kernel``), so the numbers are identical. What it skips is the
+    dispatcher's work around a Python custom op on every call: binding the 15 arguments to the
+    schema (``fill_defaults``, quadratic in their number), the redispatch below autograd, the
+    alias checks, and the same again for the backward op: about 150 µs per forward + backward on
+    CPU, a few per cent of a d = 1024, N = 256 layer (docs/benchmarks.md, "Small N").
+    """
+
+    @staticmethod
+    def forward(ctx, *args):  # with ctx, not a separate setup_context: apply would bind args by inspect
+        output = _forward(*args)
+        _setup_context(ctx, args, output)
+        ctx.kernel = _backward_kernel
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_saved):
+        return _backward(ctx, grad_y, grad_saved)
+
+
+def frod_linear_call(*args) -> tuple[Tensor, Tensor]:
+    """``frod_linear_forward(*args)``: the custom op while torch.compile traces (a graph needs it:
+    it is opaque there, with its fake and autograd registrations), ``_Eager`` otherwise."""
+    if torch.compiler.is_compiling():
+        return frod_linear_forward(*args)
+    return _Eager.apply(*args)

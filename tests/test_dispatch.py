@@ -47,13 +47,13 @@ def test_backend_choice():
 def test_frod_linear_uses_the_dispatched_path(monkeypatch):
     """The path the cost model picks is the one the op runs (seen through the saved tensor)."""
     seen = []
-    real = ops.frod_linear_forward
+    real = ops.frod_linear_call
 
     def spy(*args):
         seen.append(args[-3])
         return real(*args)
 
-    monkeypatch.setattr(ops, "frod_linear_forward", spy)
+    monkeypatch.setattr(ops, "frod_linear_call", spy)
     from frod_kernels import frod_linear
     from frod_kernels.pattern import sample_sparse_pattern
 

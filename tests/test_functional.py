@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from frod_kernels import frod_linear
+from frod_kernels import FRoDLinear, frod_linear, ops
 from frod_kernels.decomposition import joint_decompose
 from frod_kernels.reference import frod_linear_reference
 
@@ -196,3 +196,47 @@ def test_frozen_tensors_must_not_require_grad():
             frod_linear(*args)
         with torch.no_grad():
             frod_linear(*args)  # fine without autograd
+
+
+# --------------------------------------------------------------------------------------------
+# Eager calls skip the custom-op machinery (ops._Eager); compiled graphs keep the custom ops
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path,given", [("token", False), ("weight", False), ("weight", True)])
+@pytest.mark.parametrize("additive", [True, False])
+def test_eager_call_is_the_custom_op_bit_for_bit(path, given, additive):
+    """``frod_linear_call`` in eager mode gives the custom op's y, saved tensor and gradients exactly."""
+    p = make_problem((6,), o=7, n=5, rate=0.3, dtype=torch.float32, seed=5)
+    op = ops.Operands(p.weight if additive else None, None, p.U, p.V, p.delta.detach(), p.values.detach(), p.pattern)
+    rotated = ops._rotated_weight(ops.get_backend("torch"), op) if given else None
+    gy = torch.randn(6, 7, generator=torch.Generator().manual_seed(0))
+    results = []
+    for call in (ops.frod_linear_forward, ops.frod_linear_call):
+        x, diag, values, bias = (t.detach().clone().requires_grad_() for t in (p.x, p.delta, p.values, p.bias))
+        y, saved = call(x, op.weight, bias, op.U, op.V, diag, values, *op.pattern, rotated, path, "torch", True)
+        results.append((y, saved, *torch.autograd.grad(y, (x, diag, values, bias), gy)))
+    for via_op, eager in zip(*results, strict=True):
+        assert torch.equal(via_op, eager)
+
+
+def test_compiled_graph_calls_the_custom_ops():
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    graphs = []
+
+    def record(graph_module, _):
+        graphs.append({str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"})
+        return make_boxed_func(graph_module.forward)
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=record, bw_compiler=record)
+
+    torch._dynamo.reset()
+    layer = FRoDLinear.from_linear(torch.nn.Linear(16, 16), sparse_rate=0.2, backend="torch", path="token")
+    torch.compile(layer, backend=backend, fullgraph=True)(torch.randn(4, 16, requires_grad=True)).sum().backward()
+    forward, backward = graphs
+    assert "frod_kernels.frod_linear_forward.default" in forward
+    assert "frod_kernels.frod_linear_backward.default" in backward
+
