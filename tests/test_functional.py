@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from frod_kernels import FRoDLinear, frod_linear, ops
+from frod_kernels.backends import torch_backend
 from frod_kernels.decomposition import joint_decompose
-from frod_kernels.reference import frod_linear_reference
+from frod_kernels.pattern import SparsePattern, sample_sparse_pattern
+from frod_kernels.reference import frod_linear_reference, rotation_matrix
 
 from _problems import make_problem
 
@@ -240,3 +242,41 @@ def test_compiled_graph_calls_the_custom_ops():
     assert "frod_kernels.frod_linear_forward.default" in forward
     assert "frod_kernels.frod_linear_backward.default" in backward
 
+
+# --------------------------------------------------------------------------------------------
+# The PyTorch backend's per-pattern structure (M with its diagonal as CSR entries)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_primitives(pattern: SparsePattern, seed: int) -> None:
+    """m_matmul (both orientations) and sddmm of the PyTorch backend against dense float64 maths."""
+    g = torch.Generator().manual_seed(seed)
+    n, k = pattern.n, pattern.k
+    diag, values = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(k, generator=g, dtype=torch.float64)
+    b, at, bt = (torch.randn(n, 6, generator=g, dtype=torch.float64) for _ in range(3))
+    m = rotation_matrix(diag, pattern.indices, values)
+    torch.testing.assert_close(torch_backend.m_matmul(b, diag, values, pattern), m @ b)
+    torch.testing.assert_close(torch_backend.m_matmul(b, diag, values, pattern, transpose=True), m.mT @ b)
+    c = at @ bt.mT
+    got_diag, got_values = torch_backend.sddmm(at, bt, pattern)
+    torch.testing.assert_close(got_diag, c.diagonal())
+    torch.testing.assert_close(got_values, c[pattern.indices[0], pattern.indices[1]])
+
+
+def test_torch_backend_follows_a_pattern_written_in_place():
+    """The structure kept per pattern tensor is rebuilt when that tensor's values change."""
+    n = 12
+    first, second = (SparsePattern.from_indices(sample_sparse_pattern(n, 0.2, seed), n) for seed in (0, 1))
+    assert first.k == second.k and not torch.equal(first.indices, second.indices)
+    _check_primitives(first, seed=0)
+    for mine, theirs in zip(first, second, strict=True):
+        mine.copy_(theirs)
+    _check_primitives(first, seed=1)
+
+
+def test_torch_backend_with_an_inference_mode_pattern():
+    """A pattern made under inference_mode has no version counter: its structure is built per call."""
+    with torch.inference_mode():
+        pattern = SparsePattern.from_indices(sample_sparse_pattern(9, 0.3, 2), 9)
+        _check_primitives(pattern, seed=2)
+    _check_primitives(pattern, seed=3)

@@ -14,18 +14,24 @@ Every FRoD layer computation (docs/design.md §5) is written with three primitiv
 ``sddmm(at, bt, pattern)`` → (C[i, i] for i < n, C[r_j, c_j] for j < k) with C = at·btᵀ;
     at, bt (n, T). The sampled dense-dense product that gives dδ and ds; cost O(T·(n+k)).
 
-Here S is a ``torch.sparse_csr_tensor`` over the pattern's prebuilt CSR/CSC arrays (only the
-values are gathered per call, O(k)), the sparse products run through PyTorch's sparse kernels
-(MKL on CPU, cuSPARSE on CUDA), and the SDDMM through ``torch.sparse.sampled_addmm``. None of
-them makes an R × k temporary. Inputs are row-major where it matters for speed: ``b`` and ``at``
-contiguous, ``bt`` contiguous (so that ``bt.t()`` is the column-major operand MKL prefers).
+Here the diagonal is stored as n more entries of the sparse matrix: M itself (and Mᵀ) is a
+``torch.sparse_csr_tensor`` with n + k entries, so M·b is one sparse product written straight into
+its output, and the SDDMM samples the diagonal in the same pass as Ω. That structure (``_Structure``:
+pointers, columns and where each entry's value comes from) depends only on Ω; it is built once per
+pattern tensor and kept beside it (``_structure``), so a call only gathers the n + k values, O(n+k).
+The products run through PyTorch's sparse kernels (MKL on CPU, cuSPARSE on CUDA), the SDDMM
+through ``torch.sparse.sampled_addmm``. None of them makes an R × k temporary. Inputs are
+row-major where it matters for speed: ``b`` and ``at`` contiguous, ``bt`` contiguous (so that
+``bt.t()`` is the column-major operand MKL prefers).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..pattern import SparsePattern
 
@@ -50,17 +56,64 @@ def dual_matmul(
     return out
 
 
-def _sparse_m(values: torch.Tensor, pattern: SparsePattern, transpose: bool) -> torch.Tensor:
-    """S (or Sᵀ) as a CSR tensor on the prebuilt structure; only the values are gathered."""
-    n = pattern.n
-    if transpose:
-        crow, col = pattern.csc_ptr, pattern.indices[0][pattern.csc_perm]
-        values = values[pattern.csc_perm]
-    else:
-        crow, col = pattern.csr_ptr, pattern.indices[1]
+class _Structure(NamedTuple):
+    """M = diag + S as CSR with the diagonal among its n + k entries, for M and for Mᵀ.
+
+    Entry i of M's CSR holds ``cat(diag, values)[order[i]]`` (``order_t`` for Mᵀ); the diagonal
+    and Ω entries of a value array in M's CSR order are at ``diag_at`` and ``values_at``.
+    """
+
+    version: int
+    crow: torch.Tensor
+    col: torch.Tensor
+    order: torch.Tensor
+    crow_t: torch.Tensor
+    col_t: torch.Tensor
+    order_t: torch.Tensor
+    diag_at: torch.Tensor
+    values_at: torch.Tensor
+
+
+# Keyed by the pattern's indices tensor itself (an entry dies with it) and checked against its
+# version counter; the CSR/CSC views are functions of the indices, so they need no key of their own.
+_STRUCTURES = WeakIdKeyDictionary()
+
+
+def _build_structure(pattern: SparsePattern, version: int) -> _Structure:
+    n, k = pattern.n, pattern.k
+    rows, cols = pattern.indices
+    diagonal = torch.arange(n, device=rows.device)
+    r, c = torch.cat([diagonal, rows]), torch.cat([diagonal, cols])
+    order, order_t = torch.argsort(r * n + c), torch.argsort(c * n + r)  # row-major over M, over Mᵀ
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n + k, device=order.device)
+    # MKL takes 32-bit indices: int64 ones would be converted on every call.
+    index = torch.int32 if n + k < 2**31 else torch.int64
+    one_more = torch.arange(n + 1, device=rows.device)  # every row and column gains its diagonal entry
+    return _Structure(
+        version, (pattern.csr_ptr + one_more).to(index), c[order].to(index), order,
+        (pattern.csc_ptr + one_more).to(index), r[order_t].to(index), order_t, inverse[:n], inverse[n:],
+    )
+
+
+def _structure(pattern: SparsePattern) -> _Structure:
+    indices = pattern.indices
+    if indices.is_inference():  # no version counter to check a kept structure against
+        return _build_structure(pattern, 0)
+    found = _STRUCTURES.get(indices)
+    if found is None or found.version != indices._version or found.crow.numel() != pattern.n + 1:
+        found = _STRUCTURES[indices] = _build_structure(pattern, indices._version)
+    return found
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         return torch.sparse_csr_tensor(crow, col, values, (n, n), check_invariants=False)
+
+
+def _sparse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in _SPARSE_DTYPES else torch.float32
 
 
 def m_matmul(
@@ -71,25 +124,26 @@ def m_matmul(
     transpose: bool = False,
 ) -> torch.Tensor:
     """M·b (or Mᵀ·b) with M = diag(diag) + S; b is (n, R)."""
-    out = b * diag.unsqueeze(1)
     if pattern.k == 0:
-        return out
-    if b.dtype in _SPARSE_DTYPES:
-        return out.add_(torch.sparse.mm(_sparse_m(values, pattern, transpose), b.contiguous()))
-    s = _sparse_m(values.float(), pattern, transpose)
-    return out.add_(torch.sparse.mm(s, b.float()).to(b.dtype))
+        return b * diag.unsqueeze(1)
+    st = _structure(pattern)
+    crow, col, order = (st.crow_t, st.col_t, st.order_t) if transpose else (st.crow, st.col, st.order)
+    out_dtype, dtype = b.dtype, _sparse_dtype(b.dtype)
+    m = _csr(crow, col, torch.cat([diag, values]).to(dtype).index_select(0, order), pattern.n)
+    b = b.to(dtype).contiguous()
+    # beta = 0: the product is written into the fresh output, never read from it.
+    return torch.empty_like(b).addmm_(m, b, beta=0.0).to(out_dtype)
 
 
 def sddmm(at: torch.Tensor, bt: torch.Tensor, pattern: SparsePattern) -> tuple[torch.Tensor, torch.Tensor]:
     """Diagonal and Ω entries of C = at·btᵀ; at, bt are (n, T)."""
-    diag = torch.linalg.vecdot(at, bt)  # row-wise dots; einsum's bmm is 4x slower from T = 512 on CPU
     if pattern.k == 0:
-        return diag, at.new_zeros(0)
-    dtype = at.dtype
-    if dtype not in _SPARSE_DTYPES:
-        at, bt = at.float(), bt.float()
-    shape = torch.zeros(pattern.k, dtype=at.dtype, device=at.device)
+        return torch.linalg.vecdot(at, bt), at.new_zeros(0)
+    st = _structure(pattern)
+    n, dtype = pattern.n, _sparse_dtype(at.dtype)
+    where = _csr(st.crow, st.col, torch.zeros(n + pattern.k, dtype=dtype, device=at.device), n)
     sampled = torch.sparse.sampled_addmm(
-        _sparse_m(shape, pattern, transpose=False), at.contiguous(), bt.contiguous().t(), beta=0.0
-    )
-    return diag, sampled.values().to(dtype)
+        where, at.to(dtype).contiguous(), bt.to(dtype).contiguous().t(), beta=0.0
+    ).values()
+    # Two gathers, not two views of one: the custom op's outputs may not alias each other.
+    return sampled.index_select(0, st.diag_at).to(at.dtype), sampled.index_select(0, st.values_at).to(at.dtype)
