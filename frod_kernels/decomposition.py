@@ -28,6 +28,7 @@ only in the basis that produced them.
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import time
 from collections.abc import Sequence
@@ -80,11 +81,16 @@ def validate_reg(reg: float) -> float:
     return float(reg)
 
 
-def check_weights(weights: Sequence[torch.Tensor]) -> tuple[int, int]:
-    """(o, n) of a category's weights; raise unless all are finite 2-D float tensors of one shape and device."""
+def check_weights(weights: Sequence[torch.Tensor]) -> float:
+    """max |W_i| over a category's weights; raise unless all are finite 2-D float tensors of one shape and device.
+
+    One pass over each weight, in its own dtype: ``torch.aminmax`` is exact there and propagates NaN,
+    so a weight is finite iff its min and max are, and max(−min, max) is its largest magnitude.
+    """
     if len(weights) == 0:
         raise ValueError("joint_decompose needs at least one weight")
     o, n = weights[0].shape if weights[0].dim() == 2 else (None, None)
+    peak = 0.0
     for i, w in enumerate(weights):
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             raise ValueError(f"weight {i} must be a 2-D tensor (out_features, in_features)")
@@ -96,9 +102,11 @@ def check_weights(weights: Sequence[torch.Tensor]) -> tuple[int, int]:
             raise ValueError(f"weight {i} is on {w.device}, weight 0 on {weights[0].device}")
         if not w.is_floating_point():
             raise ValueError(f"weight {i} must be a floating-point tensor, got {w.dtype}")
-        if not bool(torch.isfinite(w).all()):
+        low, high = torch.stack(torch.aminmax(w.detach())).tolist()
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError(f"weight {i} has non-finite entries (NaN or Inf); cannot decompose")
-    return o, n
+        peak = max(peak, -low, high)
+    return peak
 
 
 def _cholesky_upper(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -120,22 +128,23 @@ def _cholesky_upper(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
     )
 
 
-def _times_power_of_two(t: torch.Tensor, exponent: int) -> torch.Tensor:
-    """t·2^exponent, exact: two factors, so that neither 2^±e/2 over- nor underflows (|e| ≤ 1074)."""
+def _times_power_of_two_(t: torch.Tensor, exponent: int) -> torch.Tensor:
+    """t·2^exponent in place, exact: two factors, so that neither 2^±e/2 over- nor underflows (|e| ≤ 1074)."""
     half = exponent // 2
-    return t * 2.0**half * 2.0 ** (exponent - half)
+    return t.mul_(2.0**half).mul_(2.0 ** (exponent - half))
 
 
 def _mean_regularised_inverse(qs: list[torch.Tensor], reg: float) -> torch.Tensor:
     """T = (1/L) Σ (Q_iᵀ Q_i + α I)⁻¹ via Cholesky; Woodbury when o < n (cost O(o²n) per layer)."""
     o, n = qs[0].shape
     eye_n = torch.eye(n, dtype=qs[0].dtype, device=qs[0].device)
+    acc = torch.zeros(n, n, dtype=qs[0].dtype, device=qs[0].device)
     if o >= n:
-        t = sum(torch.cholesky_inverse(torch.linalg.cholesky(q.mT @ q + reg * eye_n)) for q in qs)
-        return t / len(qs)
+        for q in qs:
+            acc += torch.cholesky_inverse(torch.linalg.cholesky(q.mT @ q + reg * eye_n))
+        return acc / len(qs)
     # (αI + QᵀQ)⁻¹ = (I − Qᵀ (αI + QQᵀ)⁻¹ Q) / α
     eye_o = torch.eye(o, dtype=qs[0].dtype, device=qs[0].device)
-    acc = torch.zeros(n, n, dtype=qs[0].dtype, device=qs[0].device)
     for q in qs:
         chol = torch.linalg.cholesky(q @ q.mT + reg * eye_o)
         acc += q.mT @ torch.cholesky_solve(q, chol)
@@ -160,16 +169,18 @@ def joint_decompose(
         a ``JointBasis`` with the per-layer relative reconstruction errors (float64 maths).
     """
     reg = validate_reg(reg)
-    check_weights(weights)
+    peak = check_weights(weights)
     started = time.perf_counter()
     dtype = dtype or weights[0].dtype
-    ws = [w.detach().to(torch.float64) for w in weights]
     # Power-of-two scaling is exact: 2^e·(W/2^e) = W bit for bit (see the module docstring).
-    peak = max(float(w.abs().max()) for w in ws)
-    exponent = int(torch.frexp(torch.tensor(peak, dtype=torch.float64)).exponent) if peak > 0 else 0
-    ws = [_times_power_of_two(w, -exponent) for w in ws]
+    exponent = math.frexp(peak)[1]
+    ws = [_times_power_of_two_(w.detach().to(torch.float64, copy=True), -exponent) for w in weights]
 
-    gram = sum(w.mT @ w for w in ws)
+    # The Gram sum and T's sum accumulate in place, layer after layer in order: the rounding of
+    # ALGORITHM_VERSION 1. One GEMM over the stacked weights would sum in another order (other bits).
+    gram = torch.zeros(ws[0].shape[1], ws[0].shape[1], dtype=torch.float64, device=ws[0].device)
+    for w in ws:
+        gram += w.mT @ w
     r, jitter = _cholesky_upper(gram)
     qs = [torch.linalg.solve_triangular(r, w, upper=True, left=False) for w in ws]
     if len(ws) == 1:
@@ -178,17 +189,19 @@ def joint_decompose(
         e = torch.linalg.eigh(_mean_regularised_inverse(qs, reg)).eigenvectors
     v = r.mT @ e
 
-    us, lams, errors = [], [], []
+    us, lams, errors, finite = [], [], [], True
     for w, q in zip(ws, qs, strict=True):
         b = q @ e
         lam = torch.linalg.vector_norm(b, dim=0)
         u = b / torch.where(lam > 0, lam, torch.ones_like(lam))
         errors.append(float(torch.linalg.norm(w - (u * lam) @ v.mT) / torch.linalg.norm(w).clamp_min(1e-300)))
+        # U_i is finite iff λ_i is: a NaN or Inf in column j of B_i makes λ_i[j] = ‖B_i[:, j]‖ NaN or
+        # Inf, and a finite λ_i[j] bounds |U_i[:, j]| by 1. So n numbers are checked, not o·n.
+        finite = finite and bool(torch.isfinite(lam).all())
         us.append(u.to(dtype))
         lams.append(lam.to(dtype))
-    v = _times_power_of_two(v, exponent)
-    stored = v.to(dtype)
-    if not (bool(torch.isfinite(stored).all()) and all(bool(torch.isfinite(u).all()) for u in us)):
+    stored = _times_power_of_two_(v, exponent).to(dtype)
+    if not (finite and bool(torch.isfinite(stored).all())):
         raise ValueError(f"cannot decompose: the shared basis V overflows {dtype} (weights too large for it)")
     elapsed = time.perf_counter() - started
     logger.info(

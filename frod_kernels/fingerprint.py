@@ -9,14 +9,16 @@ A cast is not a new base, though: ``fingerprints_by_dtype`` also records the wei
 narrower dtypes a user may load the same checkpoint in, and ``compare_fingerprints`` accepts a model
 whose weights are the recorded ones in any of those dtypes (and only those weights).
 
-Cost: one pass over the weights at about 1 GB/s (SHA-256 on one core), small next to the
-decomposition it protects (see docs/hardening.md for the MiniLM measurement).
+Cost: SHA-256 of every byte recorded (float32 weights and their two 16-bit roundings: twice their
+size), on two cores where PyTorch may use two, about 1.6 GB/s per core here; small next to the
+decomposition it protects (docs/benchmarks.md, "Setup cost").
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -24,20 +26,37 @@ __all__ = ["compare_fingerprints", "dtype_name", "fingerprints_by_dtype", "weigh
 
 # Bytes hashed per host copy: bounds the extra host memory for a GPU weight.
 _CHUNK_BYTES = 1 << 26
+# Elements cast and hashed at a time for a narrower dtype: small enough to stay in cache between the
+# cast and its hash, so a cast of the weights is never materialised in memory.
+_CAST_STEP = 1 << 15
+
+
+def _fingerprints(weights: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype | None]) -> list[str]:
+    """The fingerprint of the weights cast to each of ``dtypes`` (None: as they are), in one pass:
+    each weight is read once, and each piece of it is hashed as it is and cast to each narrower dtype
+    and hashed while in cache. Each fingerprint hashes what ``weight_fingerprint`` of the cast
+    weights would: per weight its shape, dtype and bytes."""
+    hashes = [hashlib.sha256() for _ in dtypes]
+    for w in weights:
+        w = w.detach()
+        targets = [w.dtype if d is None else d for d in dtypes]
+        for h, dtype in zip(hashes, targets, strict=True):
+            h.update(f"{tuple(w.shape)}:{dtype}:".encode())
+        flat = w.contiguous().reshape(-1)
+        chunk = max(1, _CHUNK_BYTES // max(flat.element_size(), 1))
+        step = chunk if all(dtype == w.dtype for dtype in targets) else _CAST_STEP
+        for start in range(0, flat.numel(), chunk):
+            host = flat[start:start + chunk].cpu()
+            for at in range(0, host.numel(), step):
+                piece = host[at:at + step]
+                for h, dtype in zip(hashes, targets, strict=True):
+                    h.update(piece.to(dtype).view(torch.uint8).numpy().data)
+    return [h.hexdigest()[:32] for h in hashes]
 
 
 def weight_fingerprint(weights: Sequence[torch.Tensor]) -> str:
     """A hex SHA-256 (first 32 digits) of the weights' shapes, dtypes and every byte, in order."""
-    h = hashlib.sha256()
-    for w in weights:
-        w = w.detach()
-        h.update(f"{tuple(w.shape)}:{w.dtype}:".encode())
-        flat = w.contiguous().reshape(-1)
-        step = max(1, _CHUNK_BYTES // max(flat.element_size(), 1))
-        for start in range(0, flat.numel(), step):
-            chunk = flat[start:start + step].cpu()
-            h.update(chunk.view(torch.uint8).numpy().data)
-    return h.hexdigest()[:32]
+    return _fingerprints(weights, [None])[0]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -55,12 +74,19 @@ _NARROWER = {
 
 def fingerprints_by_dtype(weights: Sequence[torch.Tensor]) -> dict[str, str]:
     """{dtype name: fingerprint} of the weights as they are and rounded to each narrower float dtype
-    (float32 → bfloat16, float16), so that the same base loaded in another dtype is recognised."""
-    dtype = weights[0].dtype
-    found = {dtype_name(dtype): weight_fingerprint(weights)}
-    for narrower in _NARROWER.get(dtype, ()):
-        found[dtype_name(narrower)] = weight_fingerprint([w.to(narrower) for w in weights])
-    return found
+    (float32 → bfloat16, float16), so that the same base loaded in another dtype is recognised.
+
+    The weights as they are and their roundings are hashed on two threads when PyTorch may use more
+    than one (SHA-256 and the casts release the GIL; the two streams are about the same number of
+    bytes): one pass over the weights each."""
+    narrower = _NARROWER.get(weights[0].dtype, ())
+    names = [dtype_name(weights[0].dtype), *map(dtype_name, narrower)]
+    if not narrower or torch.get_num_threads() == 1:
+        return dict(zip(names, _fingerprints(weights, [None, *narrower]), strict=True))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        own = pool.submit(_fingerprints, weights, [None])
+        rounded = _fingerprints(weights, narrower)
+        return dict(zip(names, own.result() + rounded, strict=True))
 
 
 def compare_fingerprints(weights: Sequence[torch.Tensor], recorded: dict[str, str]) -> str | None:
@@ -81,7 +107,7 @@ def compare_fingerprints(weights: Sequence[torch.Tensor], recorded: dict[str, st
                 "2, records them only in the dtype it was saved in: load the base in that dtype)")
     for narrower in _NARROWER.get(dtype, ()):
         if dtype_name(narrower) in recorded:
-            if weight_fingerprint([w.to(narrower) for w in weights]) == recorded[dtype_name(narrower)]:
+            if _fingerprints(weights, [narrower])[0] == recorded[dtype_name(narrower)]:
                 return None
             return (f"the model's base weights ({own}) rounded to {dtype_name(narrower)} differ from the "
                     f"{dtype_name(narrower)} weights the adapter was trained on")

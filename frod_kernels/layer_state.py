@@ -15,13 +15,13 @@ Writes through ``.data`` bypass both; ``FRoDLinear.clear_weight_cache()`` is for
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .functional import frod_linear
 from .pattern import SparsePattern
 from .reference import error_tolerance, relative_error
 
@@ -125,6 +125,15 @@ class BasisMeasurement:
 _PROBE_ROWS = 64
 
 
+@functools.lru_cache(maxsize=8)
+def _probe(n: int) -> torch.Tensor:
+    """The fixed probe X of ``basis_path_error`` (64 × n, standard normal from seed 0, float64, CPU):
+    drawn once per n, shared by every layer's measurement, never written."""
+    with torch.inference_mode(False):  # a normal tensor, whatever mode the first measurement runs in
+        return torch.randn(_PROBE_ROWS, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                           device="cpu")
+
+
 def basis_path_error(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, lam: torch.Tensor,
                      pattern: SparsePattern, dtype: torch.dtype) -> tuple[float, float]:
     """(deviation, tolerance) of computing x·Wᵀ as x·(U·diag(λ)·Vᵀ)ᵀ the basis path's way in ``dtype``.
@@ -132,15 +141,19 @@ def basis_path_error(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, lam
     On a fixed probe X (64 rows, standard normal, rounded to ``dtype``), relative to x·Wᵀ in float64
     (max|·| / max|y₆₄|): deviation = the basis path's error; tolerance = ``reference.error_tolerance``
     of plain ``F.linear``'s error in ``dtype``: the package's error criterion.
+
+    The basis path at δ = 0 and s = 0 (a layer as built) is the inference fold of
+    ``ops._token_forward`` with M = diag(λ) + S, S = 0: Y = (X·(M·Vᵀ)ᵀ)·Uᵀ with M·Vᵀ = diag(λ)·Vᵀ.
+    It is computed here with the fold's operands in the fold's layouts, so bit for bit as the fold
+    computes it, without the fold's sparse product S·Vᵀ, which adds zeros (``pattern``: Ω, whose
+    values are zero here, so it is not read).
     """
-    gen = torch.Generator().manual_seed(0)
-    probe = torch.randn(_PROBE_ROWS, weight.shape[1], generator=gen, dtype=torch.float64)
-    x = probe.to(device=U.device, dtype=dtype)
-    exact = x.double() @ weight.double().mT
-    plain = torch.nn.functional.linear(x, weight.to(dtype))
-    zeros = torch.zeros(pattern.k, dtype=dtype, device=x.device)
-    basis = frod_linear(x, None, None, U.to(dtype), V.to(dtype), lam.to(dtype), pattern, zeros, backend="torch",
-                        path="token")
+    x = _probe(weight.shape[1]).to(device=U.device, dtype=dtype)
+    with torch.autocast(x.device.type, enabled=False):  # measured in ``dtype``, whatever the caller's autocast
+        exact = x.double() @ weight.double().mT
+        plain = torch.nn.functional.linear(x, weight.to(dtype))
+        m_vt = V.to(dtype).t() * lam.to(dtype).unsqueeze(1)  # M·Vᵀ = diag(λ)·Vᵀ, as torch_backend.m_matmul forms it
+        basis = torch.mm(torch.mm(x, m_vt.t()), U.to(dtype).t())
     return relative_error(basis, exact), error_tolerance(relative_error(plain, exact), dtype)
 
 

@@ -1,8 +1,15 @@
+import hashlib
+
 import pytest
 import torch
 
-from frod_kernels import joint_decompose
-from frod_kernels.decomposition import _mean_regularised_inverse
+from frod_kernels import fingerprint, joint_decompose
+from frod_kernels.decomposition import _mean_regularised_inverse, check_weights
+from frod_kernels.fingerprint import fingerprints_by_dtype
+from frod_kernels.functional import frod_linear
+from frod_kernels.layer_state import basis_path_error
+from frod_kernels.pattern import SparsePattern, sample_sparse_pattern
+from frod_kernels.reference import error_tolerance, relative_error
 
 
 def _weights(L, o, n, seed=0, dtype=torch.float64):
@@ -93,3 +100,162 @@ def test_bad_inputs():
             joint_decompose(ws, reg=reg)
     with pytest.raises(ValueError, match="floating"):
         joint_decompose([torch.ones(3, 3, dtype=torch.int64)])
+
+
+# -- the decomposition's outputs are pinned: adapters record ALGORITHM_VERSION and a load recomputes the basis --
+
+
+def _straightforward_decompose(weights, reg=1e-3):
+    """docs/design.md §2 step by step, one layer at a time: the formulation ALGORITHM_VERSION 1 was
+    released with. The package's joint_decompose must give these U, V, λ and errors bit for bit."""
+    dtype = weights[0].dtype
+    ws = [w.to(torch.float64) for w in weights]
+    peak = max(float(w.abs().max()) for w in ws)
+    exponent = int(torch.frexp(torch.tensor(peak, dtype=torch.float64)).exponent) if peak > 0 else 0
+    half = -exponent // 2
+    ws = [w * 2.0**half * 2.0 ** (-exponent - half) for w in ws]
+    gram = sum(w.mT @ w for w in ws)
+    n = gram.shape[0]
+    eye = torch.eye(n, dtype=torch.float64)
+    scale, jitter = float(gram.diagonal().mean()) or 1.0, 0.0
+    while True:
+        low, info = torch.linalg.cholesky_ex(gram + jitter * eye if jitter else gram)
+        if int(info) == 0 and float(low.diagonal().min()) > 1e-7 * float(low.diagonal().max()):
+            break
+        jitter = 1e-12 * scale if jitter == 0.0 else jitter * 100.0
+    r = low.mT
+    qs = [torch.linalg.solve_triangular(r, w, upper=True, left=False) for w in ws]
+    o = qs[0].shape[0]
+    if len(ws) == 1:
+        e = eye
+    elif o >= n:
+        t = sum(torch.cholesky_inverse(torch.linalg.cholesky(q.mT @ q + reg * eye)) for q in qs) / len(qs)
+        e = torch.linalg.eigh(t).eigenvectors
+    else:
+        eye_o, acc = torch.eye(o, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+        for q in qs:
+            acc += q.mT @ torch.cholesky_solve(q, torch.linalg.cholesky(q @ q.mT + reg * eye_o))
+        e = torch.linalg.eigh((eye - acc / len(qs)) / reg).eigenvectors
+    v = r.mT @ e
+    us, lams, errors = [], [], []
+    for w, q in zip(ws, qs, strict=True):
+        b = q @ e
+        lam = torch.linalg.vector_norm(b, dim=0)
+        u = b / torch.where(lam > 0, lam, torch.ones_like(lam))
+        errors.append(float(torch.linalg.norm(w - (u * lam) @ v.mT) / torch.linalg.norm(w).clamp_min(1e-300)))
+        us.append(u.to(dtype))
+        lams.append(lam.to(dtype))
+    v = v * 2.0 ** (exponent // 2) * 2.0 ** (exponent - exponent // 2)
+    return v.to(dtype), us, lams, errors, jitter / scale
+
+
+@pytest.mark.parametrize("L,o,n,dtype,scale", [
+    (4, 24, 24, torch.float64, 1.0),  # o = n: the direct inverse
+    (3, 40, 17, torch.float64, 1.0),  # o > n
+    (5, 9, 31, torch.float64, 1.0),  # o < n: Woodbury
+    (30, 64, 48, torch.float32, 1.0),  # a category of float32 weights, both threads of BLAS at work
+    (30, 16, 48, torch.float32, 1.0),
+    (1, 30, 12, torch.float32, 1.0),  # one layer: E = I
+    (2, 3, 20, torch.float64, 1.0),  # singular Gram sum: jitter
+    (3, 20, 16, torch.float64, 1e200),  # scaled by a power of two before and after
+    (3, 20, 16, torch.float64, 1e-300),  # subnormal entries
+    (4, 12, 10, torch.bfloat16, 1.0),
+    (4, 10, 12, torch.float16, 1.0),
+])
+def test_outputs_are_bit_identical_to_the_released_formulation(L, o, n, dtype, scale):
+    ws = [(w * scale).to(dtype) for w in _weights(L, o, n, seed=L + o + n)]
+    got = joint_decompose(ws)
+    V, U, lam, errors, jitter = _straightforward_decompose(ws)
+    assert torch.equal(got.V, V)
+    assert all(torch.equal(a, b) for a, b in zip(got.U, U, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(got.lam, lam, strict=True))
+    assert got.errors == errors and got.jitter == jitter
+
+
+def test_check_weights_gives_the_peak_magnitude_in_one_pass():
+    ws = [torch.tensor([[0.5, -3.0]]), torch.tensor([[2.0, 1.0]])]
+    assert check_weights(ws) == 3.0
+    assert check_weights([w.t() for w in ws]) == 3.0  # any strides
+    assert check_weights([torch.zeros(2, 2, dtype=torch.bfloat16)]) == 0.0
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        w = torch.ones(3, 4, dtype=torch.float16)
+        w[1, 2] = bad
+        with pytest.raises(ValueError, match="weight 1 has non-finite entries"):
+            check_weights([torch.ones(3, 4, dtype=torch.float16), w])
+
+
+# -- fingerprints: computed in one pass now, the values adapters already record must not change ------------
+
+
+def _fingerprint_weights(dtype):
+    a = torch.linspace(-3, 3, 35, dtype=torch.float64).reshape(7, 5) ** 3
+    return [a.to(dtype), (a.t() / 7).to(dtype), (a[:, :3] * 1e-30).to(dtype)]  # a transposed view, tiny values
+
+
+def _straightforward_fingerprint(weights):
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(f"{tuple(w.shape)}:{w.dtype}:".encode())
+        h.update(w.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def test_fingerprint_values_are_pinned():
+    # Computed by the release that wrote adapter format 3.
+    assert fingerprints_by_dtype(_fingerprint_weights(torch.float32)) == {
+        "float32": "7562cf40bf3f7ef9ec2a42943758ee85", "bfloat16": "76ccf263108b491bb997154dae2688ab",
+        "float16": "c043a83a4267d358c40e1717da806c7e",
+    }
+    assert fingerprints_by_dtype(_fingerprint_weights(torch.float64))["float64"] == "3a7943ed0816f1d71702c466121782e5"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fingerprints_match_hashing_each_cast_whole(monkeypatch, threads, dtype):
+    monkeypatch.setattr(fingerprint, "_CHUNK_BYTES", 1 << 12)  # host chunks and cast steps end mid-weight
+    monkeypatch.setattr(fingerprint, "_CAST_STEP", 100)
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(300, 77, generator=g).to(dtype), torch.randn(77, 300, generator=g).to(dtype).t()]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # two: the rounded dtypes are hashed on a second thread
+    try:
+        got = fingerprints_by_dtype(ws)
+    finally:
+        torch.set_num_threads(previous)
+    narrower = {torch.float64: (torch.float32, torch.bfloat16, torch.float16),
+                torch.float32: (torch.bfloat16, torch.float16)}.get(dtype, ())
+    expected = {str(d).removeprefix("torch."): _straightforward_fingerprint([w.to(d) for w in ws])
+                for d in (dtype, *narrower)}
+    assert got == expected
+    assert fingerprint.weight_fingerprint(ws) == expected[str(dtype).removeprefix("torch.")]
+    for d in narrower:  # a base loaded in a narrower dtype is recognised by its rounded fingerprint
+        name = str(d).removeprefix("torch.")
+        assert fingerprint.compare_fingerprints([w.to(d) for w in ws], {name: got[name]}) is None
+        assert fingerprint.compare_fingerprints(ws, {name: got[name]}) is None
+
+
+# -- the basis path's deviation: computed directly, it must equal the fold's measurement ----------------------
+
+
+def _deviation_through_the_fold(weight, U, V, lam, pattern, dtype):
+    """layer_state.basis_path_error as released: the basis path run through frod_linear's token fold."""
+    x = torch.randn(64, weight.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    exact = x.double() @ weight.double().mT
+    plain = torch.nn.functional.linear(x, weight.to(dtype))
+    zeros = torch.zeros(pattern.k, dtype=dtype)
+    basis = frod_linear(x, None, None, U.to(dtype), V.to(dtype), lam.to(dtype), pattern, zeros, backend="torch",
+                        path="token")
+    return relative_error(basis, exact), error_tolerance(relative_error(plain, exact), dtype)
+
+
+@pytest.mark.parametrize("o,n,rate", [(24, 40, 0.05), (40, 24, 0.05), (17, 17, 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_basis_path_error_is_the_folds_measurement(o, n, rate, dtype):
+    ws = _weights(3, o, n, seed=o * n, dtype=torch.float32)
+    b = joint_decompose(ws)
+    pattern = SparsePattern.from_indices(sample_sparse_pattern(n, rate, 0), n)
+    # the layouts FRoDLinear keeps (column-major U and V) and plain row-major ones
+    for U, V in ((b.U[1].t().contiguous().t(), b.V.t().contiguous().t()), (b.U[1], b.V)):
+        with torch.no_grad():
+            assert basis_path_error(ws[1], U, V, b.lam[1], pattern, dtype) == _deviation_through_the_fold(
+                ws[1], U, V, b.lam[1], pattern, dtype)
