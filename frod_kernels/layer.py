@@ -227,7 +227,8 @@ class FRoDLinear(nn.Module):
         dtype = weight.dtype
         if mode == "additive":
             self.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # Registered even when None, as nn.Linear does: forward reads it from the parameter dict.
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach(), requires_grad=False))
         # Column-major, like V: the kernels read Uᵀ row by row (U·M = (Mᵀ·Uᵀ)ᵀ, the SDDMM's Uᵀ), and
         # this way Uᵀ is contiguous without a copy per call.
         U = U.detach().to(device=weight.device, dtype=dtype)
@@ -424,17 +425,17 @@ class FRoDLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """merged → plain linear; evaluation → the cached W' in a plain linear; else the custom op."""
         self.require_basis()
+        params = self._parameters  # the module's dicts, not Module.__getattr__/__setattr__: µs per call each
         if self.merged:
-            self.last_path = MERGED
-            return nn.functional.linear(x, self.weight, self.bias)
-        params = self._parameters
+            self.__dict__["last_path"] = MERGED
+            return nn.functional.linear(x, params["weight"], params.get("bias"))
         training = torch.is_grad_enabled() and (params["delta"].requires_grad or params["sparse_values"].requires_grad)
         compiling = torch.compiler.is_compiling()
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return frod_linear(x, self.base_weight, self.bias, self.U, self.basis.V, self._diag(),
                                self.basis.pattern, self.sparse_values)  # names the problem
         if self.cache_weight and not training and not compiling and self._is_plain_input(x):
-            self.__dict__["last_path"] = CACHED_WEIGHT  # a plain attribute: Module.__setattr__ costs µs per call
+            self.__dict__["last_path"] = CACHED_WEIGHT
             return nn.functional.linear(x, self._cache.eval_weight(self._state_key(), self.effective_weight),
                                         params.get("bias"))
         return self._op_call(x, reuse=self.cache_weight and training and not compiling, compiling=compiling)
