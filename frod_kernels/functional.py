@@ -53,6 +53,12 @@ def _autocast_cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
     return t.to(dtype)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # ``Tensor.to`` costs a dispatcher round trip (~1 µs) even when it returns ``t`` itself; δ and s are
+    # almost always in x's dtype already.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype ``frod_linear`` computes in for input ``x``: the autocast dtype of x's device when
     autocast is on there and x is not float64, else x's own dtype."""
@@ -189,9 +195,9 @@ def frod_linear_reusing(
         basis=lam is not None, weight_share=0.0 if rotated_weight is not None else weight_share,
     )
     save = needs_input_grad or needs_param_grad
-    operands = ops.Operands(weight, bias, U, V, delta.to(dtype), sparse_values.to(dtype), pattern)
+    operands = ops.Operands(weight, bias, U, V, _as(delta, dtype), _as(sparse_values, dtype), pattern)
     if resolved_path == "basis":  # the token path with W = U·diag(λ)·Vᵀ folded into the diagonal
-        operands = operands._replace(weight=None, diag=(lam.to(delta.dtype) + delta).to(dtype))
+        operands = operands._replace(weight=None, diag=_as(_as(lam, delta.dtype) + delta, dtype))
     with torch.autocast(device.type, enabled=False) if amp_dtype is not None else contextlib.nullcontext():
         y, saved = ops.frod_linear_call(
             x2, *operands.as_op_args(), rotated_weight if resolved_path == "weight" else None,

@@ -116,6 +116,12 @@ def _sparse_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _SPARSE_DTYPES else torch.float32
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # ``Tensor.to`` costs a dispatcher round trip (~1 µs) even when it returns ``t`` itself, and a
+    # layer call makes ten of these casts, almost always to the dtype the tensor already has.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def m_matmul(
     b: torch.Tensor,
     diag: torch.Tensor,
@@ -129,10 +135,10 @@ def m_matmul(
     st = _structure(pattern)
     crow, col, order = (st.crow_t, st.col_t, st.order_t) if transpose else (st.crow, st.col, st.order)
     out_dtype, dtype = b.dtype, _sparse_dtype(b.dtype)
-    m = _csr(crow, col, torch.cat([diag, values]).to(dtype).index_select(0, order), pattern.n)
-    b = b.to(dtype).contiguous()
+    m = _csr(crow, col, _as(torch.cat([diag, values]), dtype).index_select(0, order), pattern.n)
+    b = _as(b, dtype).contiguous()
     # beta = 0: the product is written into the fresh output, never read from it.
-    return torch.empty_like(b).addmm_(m, b, beta=0.0).to(out_dtype)
+    return _as(torch.empty_like(b).addmm_(m, b, beta=0.0), out_dtype)
 
 
 def sddmm(at: torch.Tensor, bt: torch.Tensor, pattern: SparsePattern) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +149,7 @@ def sddmm(at: torch.Tensor, bt: torch.Tensor, pattern: SparsePattern) -> tuple[t
     n, dtype = pattern.n, _sparse_dtype(at.dtype)
     where = _csr(st.crow, st.col, torch.zeros(n + pattern.k, dtype=dtype, device=at.device), n)
     sampled = torch.sparse.sampled_addmm(
-        where, at.to(dtype).contiguous(), bt.to(dtype).contiguous().t(), beta=0.0
+        where, _as(at, dtype).contiguous(), _as(bt, dtype).contiguous().t(), beta=0.0
     ).values()
     # Two gathers, not two views of one: the custom op's outputs may not alias each other.
-    return sampled.index_select(0, st.diag_at).to(at.dtype), sampled.index_select(0, st.values_at).to(at.dtype)
+    return _as(sampled.index_select(0, st.diag_at), at.dtype), _as(sampled.index_select(0, st.values_at), at.dtype)
