@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..dispatch import choose_path
 from ..layer import FRoDLinear
 from .baselines import (
     LoRALinear,
@@ -166,11 +165,8 @@ def run_case(
             row["peak_mem_mb"] = peak_memory(timed[name].run, device) / 2**20
             timed[name].between()
         module = modules.get(name)
-        if isinstance(module, FRoDLinear):  # the path the dispatcher takes
-            row["path"] = choose_path(
-                module.path, n_rows=case.n_tokens, out_features=case.d, in_features=case.d, k=module.k,
-                device_type=device.type,
-            )
+        if isinstance(module, FRoDLinear):  # the path its calls took ('basis' included, which the cost model
+            row["path"] = module.last_path  # alone would not show: the layer offers it after measuring)
         rows.append(row)
     gemm_ms = summarize(samples["gemm"])["ms"]
     for row in rows:
