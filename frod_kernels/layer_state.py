@@ -42,9 +42,14 @@ register_optimizer_step_post_hook(_OptimizerSteps.hook)
 
 
 def state_key(tensors: Sequence[torch.Tensor]) -> tuple:
-    """(optimizer steps, (pointer, version, dtype, device) of each tensor): equal keys mean equal values
-    (module docstring)."""
-    return (_OptimizerSteps.count, *((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
+    """(optimizer steps, then the storage pointer and version counter of each tensor): equal keys mean
+    equal values (module docstring). A flat tuple of ints: unmerged decoding takes one key per layer per
+    token, and in a model's forward each extra read of a tensor's metadata is a cache miss. A dtype or
+    device change allocates new storage through ``Module._apply``, which drops the cache anyway."""
+    key = [_OptimizerSteps.count]
+    for t in tensors:
+        key += (t.data_ptr(), t._version)
+    return tuple(key)
 
 
 class WeightCache:
