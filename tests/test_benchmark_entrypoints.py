@@ -166,3 +166,11 @@ def test_peft_bench(tmp_path, capsys):
     slower["methods"]["peft_frod"] = {**slower["methods"]["peft_frod"], "ms": 1.0}
     slower["methods"]["peft_frod_accelerated"] = {**slower["methods"]["peft_frod_accelerated"], "ms": 2.0}
     assert "slower: it takes 2.00x the time" in peft_bench.format_report(slower)
+
+
+def test_decode_cost_tiny(tmp_path):
+    proc = _script(["-m", "benchmarks.decode_cost", "--tiny", "--out", str(tmp_path / "decode.json")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "smoke run" in proc.stdout
+    result = json.loads((tmp_path / "decode.json").read_text())
+    assert result["frod_layers"] == 14 and result["same_tokens_unmerged_merged"]
