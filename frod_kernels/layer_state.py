@@ -149,15 +149,15 @@ def basis_path_error(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, lam
 
     The basis path at δ = 0 and s = 0 (a layer as built) is the inference fold of
     ``ops._token_forward`` with M = diag(λ) + S, S = 0: Y = (X·(M·Vᵀ)ᵀ)·Uᵀ with M·Vᵀ = diag(λ)·Vᵀ.
-    It is computed here with the fold's operands in the fold's layouts, so bit for bit as the fold
-    computes it, without the fold's sparse product S·Vᵀ, which adds zeros (``pattern``: Ω, whose
-    values are zero here, so it is not read).
+    It is computed here as those two GEMMs, without the fold's sparse product over Ω, whose zero
+    values add nothing (``pattern`` is therefore not read); tests/test_decomposition.py checks that
+    the deviation is the fold's, bit for bit.
     """
     x = _probe(weight.shape[1]).to(device=U.device, dtype=dtype)
     with torch.autocast(x.device.type, enabled=False):  # measured in ``dtype``, whatever the caller's autocast
         exact = x.double() @ weight.double().mT
         plain = torch.nn.functional.linear(x, weight.to(dtype))
-        m_vt = V.to(dtype).t() * lam.to(dtype).unsqueeze(1)  # M·Vᵀ = diag(λ)·Vᵀ, as torch_backend.m_matmul forms it
+        m_vt = V.to(dtype).t() * lam.to(dtype).unsqueeze(1)  # M·Vᵀ = diag(λ)·Vᵀ
         basis = torch.mm(torch.mm(x, m_vt.t()), U.to(dtype).t())
     return relative_error(basis, exact), error_tolerance(relative_error(plain, exact), dtype)
 
