@@ -425,7 +425,8 @@ class FRoDLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """merged → plain linear; evaluation → the cached W' in a plain linear; else the custom op."""
         self.require_basis()
-        params = self._parameters  # the module's dicts, not Module.__getattr__/__setattr__: µs per call each
+        # The module's dicts, not Module.__getattr__/__setattr__ (last_path): µs per call each.
+        params = self._parameters
         if self.merged:
             self.__dict__["last_path"] = MERGED
             return nn.functional.linear(x, params["weight"], params.get("bias"))
@@ -453,7 +454,7 @@ class FRoDLinear(nn.Module):
         if built is not None and keep:
             self._cache.store(key, built)
         if not compiling:
-            self.last_path = REUSED_WEIGHT if taken == "weight" and given is not None else taken
+            self.__dict__["last_path"] = REUSED_WEIGHT if taken == "weight" and given is not None else taken
         return y
 
     def _is_plain_input(self, x: torch.Tensor) -> bool:
