@@ -174,3 +174,9 @@ def test_decode_cost_tiny(tmp_path):
     assert "smoke run" in proc.stdout
     result = json.loads((tmp_path / "decode.json").read_text())
     assert result["frod_layers"] == 14 and result["same_tokens_unmerged_merged"]
+
+
+def test_small_n_tiny(tmp_path):
+    proc = _script(["-m", "benchmarks.small_n", "--tiny", "--json", str(tmp_path / "small.json")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "small.json").read_text())
