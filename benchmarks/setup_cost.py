@@ -16,10 +16,13 @@ round; ``warmup`` untimed rounds, then ``repeats`` timed ones):
     fingerprints   fingerprints_by_dtype of each category (float32, bfloat16 and float16 roundings)
     floor          per category one eigh of an n × n symmetric matrix, plus one pass over every
                    targeted weight (aminmax): the least any shared-eigenbasis decomposition does
+    gemm           one float64 GEMM (4096 × 1536)·(1536 × 1536): this machine's multiply-add rate
 
 Reported: median and quartiles (ms) of each step; load / apply as the ratio of medians and as the
-median same-round ratio (robust to load drifting between rounds); the 1-minute load average before
-the rounds and after each. Copying the models and saving the adapter are not timed.
+median same-round ratio (robust to load drifting between rounds); the multiply-adds of the
+decomposition's per-layer products (``_multiply_adds``) and the time they would take at the GEMM's
+rate; the 1-minute load average before the rounds and after each (a run's own threads add about
+their number to it). Copying the models and saving the adapter are not timed.
 """
 
 from __future__ import annotations
@@ -41,10 +44,10 @@ from frod_kernels.bench.timing import Progress, Timed, summarize, time_interleav
 from frod_kernels.decomposition import joint_decompose
 from frod_kernels.fingerprint import fingerprints_by_dtype
 
-__all__ = ["STEPS", "TARGETS", "build_parser", "format_report", "main", "run_setup_cost"]
+__all__ = ["TARGETS", "build_parser", "format_report", "main", "run_setup_cost"]
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-STEPS = ("apply", "load", "decompose", "fingerprints", "floor")
+GEMM = (4096, 1536, 1536)
 
 
 class _LoadRecorder(Progress):
@@ -88,6 +91,15 @@ def _categories(model: torch.nn.Module) -> list[list[torch.Tensor]]:
     return [[m.weight for name, m in model.named_modules() if name.endswith(f".{target}")] for target in TARGETS]
 
 
+def _multiply_adds(layers: int, o: int, n: int) -> float:
+    """Multiply-adds of joint_decompose's per-layer products for L layers (o, n) (docs/design.md §2):
+    the Gram term, Q_i (a triangular solve: half), B_i = Q_i·E and the error check, o·n² each, and
+    T's term: Q_iᵀQ_i and its Cholesky inverse (o ≥ n), or the Woodbury form's two o²·n and one
+    o·n² (o < n). The few n³ steps done once per category (Cholesky, eigh) are left out."""
+    t_term = o * n * n + n**3 if o >= n else 2 * o * o * n + o * n * n
+    return layers * (3.5 * o * n * n + t_term)
+
+
 def _floor(categories: list[list[torch.Tensor]], symmetric: list[torch.Tensor]) -> None:
     for weights, t in zip(categories, symmetric, strict=True):
         torch.linalg.eigh(t)
@@ -106,6 +118,8 @@ def run_setup_cost(device: torch.device, tiny: bool = False, warmup: int = 1, re
         n = weights[0].shape[1]
         x = torch.randn(n, n, generator=gen, dtype=torch.float64)
         symmetric.append((x @ x.mT / n + torch.eye(n, dtype=torch.float64)).to(device))
+    gemm = (64, 32, 32) if tiny else GEMM
+    a, b = (torch.randn(shape, generator=gen, dtype=torch.float64).to(device) for shape in (gemm[:2], gemm[1:]))
     to_apply, to_load = _Fresh(base), _Fresh(base)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,11 +133,14 @@ def run_setup_cost(device: torch.device, tiny: bool = False, warmup: int = 1, re
             "decompose": Timed(lambda: [joint_decompose(ws) for ws in categories]),
             "fingerprints": Timed(lambda: [fingerprints_by_dtype(ws) for ws in categories]),
             "floor": Timed(lambda: _floor(categories, symmetric)),
+            "gemm": Timed(lambda: a @ b),
         }
         progress = _LoadRecorder(warmup + repeats, enabled=show_progress)
         samples = time_interleaved(steps, device, warmup=warmup, repeats=repeats, progress=progress)
         progress.close()
     timed = {name: summarize(seconds) for name, seconds in samples.items()}
+    rate = gemm[0] * gemm[1] * gemm[2] / (timed["gemm"]["ms"] / 1e3)
+    multiply_adds = sum(_multiply_adds(len(ws), *ws[0].shape) for ws in categories)
     return {
         "title": "tiny random Llama" if tiny else "SmolLM2-135M-shaped Llama, random weights",
         "categories": len(summary.categories), "layers": summary.layers,
@@ -132,6 +149,8 @@ def run_setup_cost(device: torch.device, tiny: bool = False, warmup: int = 1, re
         "load_over_apply": timed["load"]["ms"] / timed["apply"]["ms"],
         "load_over_apply_paired": statistics.median(
             load / apply for load, apply in zip(samples["load"], samples["apply"], strict=True)),
+        "gemm_multiply_adds_per_s": rate, "decompose_multiply_adds": multiply_adds,
+        "decompose_at_gemm_rate_s": multiply_adds / rate,
         "load_average_before": load_before, "load_average_rounds": progress.loads[warmup:],
     }
 
@@ -145,6 +164,9 @@ def format_report(result: dict) -> str:
         lines.append(f"{name:<13} {m['ms']:>9.0f} {m['q25_ms']:>7.0f}-{m['q75_ms']:<7.0f}")
     lines.append(f"load / apply: {result['load_over_apply']:.3f} (median same-round ratio "
                  f"{result['load_over_apply_paired']:.3f})")
+    lines.append(f"decomposition: {result['decompose_multiply_adds'] / 1e9:.0f} G multiply-adds in its per-layer "
+                 f"products, {result['decompose_at_gemm_rate_s']:.2f} s at the GEMM's "
+                 f"{result['gemm_multiply_adds_per_s'] / 1e9:.1f} G/s")
     rounds = ", ".join(f"{x:.2f}" for x in result["load_average_rounds"])
     lines.append(f"load average before {result['load_average_before']:.2f}; after each round {rounds}")
     return "\n".join(lines)
