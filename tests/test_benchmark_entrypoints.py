@@ -180,3 +180,9 @@ def test_small_n_tiny(tmp_path):
     proc = _script(["-m", "benchmarks.small_n", "--tiny", "--json", str(tmp_path / "small.json")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((tmp_path / "small.json").read_text())
+
+
+def test_setup_cost_tiny(tmp_path):
+    proc = _script(["-m", "benchmarks.setup_cost", "--tiny", "--json", str(tmp_path / "setup.json")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "setup.json").read_text())["load_over_apply"] > 0
