@@ -4,7 +4,8 @@ rotational degrees of freedom). See docs/design.md for the maths and README.md f
 Layout: ``decomposition`` (joint basis), ``pattern`` (Ω), ``reference`` (the dense oracle),
 ``backends`` (primitives: PyTorch, Triton), ``dispatch`` (backend/path choice), ``ops`` (custom
 ops and the autograd formula), ``functional`` (``frod_linear``), ``layer`` (``FRoDLinear``),
-``layer_state`` (its W' cache, basis gate, base provenance), ``targets`` (finding and replacing
+``layer_state`` (its W' cache, basis gate, base provenance), ``input_layer`` (``FRoDInputLinear``, the
+input form), ``base_layers`` (the frozen bases it wraps, quantized ones included), ``targets`` (finding and replacing
 modules), ``model`` (``apply_frod`` and friends), ``summary`` (what it reports), ``config``
 (``FRoDConfig``), ``options`` (enumerated options), ``adapter`` (state dicts and files),
 ``export`` (merged checkpoints, what ``save_pretrained`` writes), ``loading`` (``load_frod``),
@@ -15,10 +16,19 @@ from .adapter import frod_state_dict, load_frod_state_dict, save_frod
 from .config import FRoDConfig
 from .decomposition import JointBasis, joint_decompose
 from .export import merged_state_dict, save_pretrained
-from .functional import frod_linear
-from .layer import FRoDBasis, FRoDLinear
+from .functional import frod_input_transform, frod_linear
+from .input_layer import FRoDInputLinear
+from .layer import FRoDBasis, FRoDLayer, FRoDLinear
 from .loading import load_frod
-from .model import FRoDCategoryWarning, apply_frod, frod_param_groups, merge_frod, unload_frod, unmerge_frod
+from .model import (
+    FRoDBaseMismatchWarning,
+    FRoDCategoryWarning,
+    apply_frod,
+    frod_param_groups,
+    merge_frod,
+    unload_frod,
+    unmerge_frod,
+)
 from .pattern import SparsePattern, sample_sparse_pattern
 from .summary import FRoDSummary, print_trainable_parameters, trainable_parameters
 from .targets import frod_layers
@@ -26,14 +36,18 @@ from .targets import frod_layers
 __version__ = "0.1.0"
 
 __all__ = [
+    "FRoDBaseMismatchWarning",
     "FRoDBasis",
     "FRoDCategoryWarning",
     "FRoDConfig",
+    "FRoDInputLinear",
+    "FRoDLayer",
     "FRoDLinear",
     "FRoDSummary",
     "JointBasis",
     "SparsePattern",
     "apply_frod",
+    "frod_input_transform",
     "frod_layers",
     "frod_linear",
     "frod_param_groups",

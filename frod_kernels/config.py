@@ -19,7 +19,7 @@ from .pattern import validate_seed, validate_sparse_rate
 
 __all__ = ["MODES", "FRoDConfig"]
 
-MODES = ("additive", "factored")
+MODES = ("additive", "factored", "input")
 
 
 @dataclass
@@ -31,7 +31,12 @@ class FRoDConfig:
     sparse_rate: ρ in (0, 1) or 0, the share of off-diagonal entries of M that train (k = ⌊ρ·n²⌋).
     seed: base seed of the sparse patterns (one pattern per category, derived from it).
     reg: α > 0 of the joint decomposition (docs/design.md §2).
-    mode: 'additive' (keep W) or 'factored' (drop W, docs/design.md §6).
+    mode: 'additive' (keep W), 'factored' (drop W, docs/design.md §6) or 'input' (wrap the base as it
+        is, quantized bases included: y = base(x + x·V·Mᵀ·Λ⁺·V⁻¹), docs/design.md §6.1).
+    mode_pattern: {name suffix or regex: mode} for categories that differ from ``mode`` (PEFT's
+        ``rank_pattern`` habit), matched against a category's first layer like ``target_modules``:
+        e.g. ``mode="input", mode_pattern={"down_proj": "additive"}`` keeps the down-projections,
+        where the input form costs most (docs/design.md §6.1), in additive mode.
     modules_to_save: name suffixes of other modules (a task head) that stay trainable and are saved
         in, and restored from, the adapter.
     backend: 'auto', 'torch' or 'triton'; path: 'auto', 'token', 'weight' or 'basis' (``frod_linear``).
@@ -44,6 +49,7 @@ class FRoDConfig:
     seed: int = 0
     reg: float = 1e-3
     mode: str = "additive"
+    mode_pattern: dict[str, str] = field(default_factory=dict)
     modules_to_save: Sequence[str] = field(default_factory=tuple)
     backend: str = "auto"
     path: str = "auto"
@@ -60,6 +66,12 @@ class FRoDConfig:
         self.sparse_rate = validate_sparse_rate(self.sparse_rate)
         self.seed, self.reg = validate_seed(self.seed), validate_reg(self.reg)
         check_choice("mode", self.mode, MODES)
+        if not isinstance(self.mode_pattern, dict) or not all(isinstance(k, str) and k for k in self.mode_pattern):
+            raise ValueError(f"mode_pattern must be a dict of module-name suffixes (or regexes) to modes, got "
+                             f"{self.mode_pattern!r}")
+        self.mode_pattern = dict(self.mode_pattern)
+        for mode in self.mode_pattern.values():
+            check_choice("mode_pattern value", mode, MODES)
         check_choice("backend", self.backend, BACKENDS)
         check_choice("path", self.path, PATHS)
         if isinstance(self.param_dtype, str):  # by name, as in an adapter's JSON or transformers' dtype="…"

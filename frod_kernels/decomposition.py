@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ALGORITHM_VERSION", "JointBasis", "check_weights", "joint_decompose", "validate_reg"]
+__all__ = ["ALGORITHM_VERSION", "JointBasis", "check_weights", "condition_number", "joint_decompose", "validate_reg"]
 
 logger = logging.getLogger("frod_kernels")
 
@@ -60,6 +60,7 @@ class JointBasis:
     errors: relative reconstruction error ‖W_i − U_i diag(λ_i) Vᵀ‖_F / ‖W_i‖_F per layer (float64).
     jitter: the diagonal added to the Gram sum, as a fraction of its mean diagonal (0.0 unless it
         was singular).
+    V_inv: V⁻¹ (n, n), formed in float64 as Eᵀ·R⁻ᵀ when asked for (the input form, docs/design.md §6.1).
     """
 
     V: torch.Tensor
@@ -67,6 +68,7 @@ class JointBasis:
     lam: list[torch.Tensor]
     errors: list[float]
     jitter: float = 0.0
+    V_inv: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.U)
@@ -151,11 +153,26 @@ def _mean_regularised_inverse(qs: list[torch.Tensor], reg: float) -> torch.Tenso
     return (eye_n - acc / len(qs)) / reg
 
 
+def condition_number(V: torch.Tensor, V_inv: torch.Tensor, steps: int = 30) -> float:
+    """cond₂(V) = ‖V‖₂·‖V⁻¹‖₂, each norm by ``steps`` power iterations on AᵀA from a fixed start
+    (float64; O(steps·n²), where an SVD would be O(n³)): a lower bound that converges from below."""
+    def norm2(a: torch.Tensor) -> float:
+        a = a.to(torch.float64)
+        v = torch.ones(a.shape[1], dtype=a.dtype, device=a.device)
+        for _ in range(steps):
+            v = a.mT @ (a @ v)
+            v = v / torch.linalg.vector_norm(v).clamp_min(1e-300)
+        return float(torch.linalg.vector_norm(a @ v))
+
+    return norm2(V) * norm2(V_inv)
+
+
 def joint_decompose(
     weights: Sequence[torch.Tensor],
     reg: float = 1e-3,
     dtype: torch.dtype | None = None,
     name: str = "",
+    inverse: bool = False,
 ) -> JointBasis:
     """Decompose L weights (o, n) into W_i = U_i·diag(λ_i)·Vᵀ with one shared V (docs/design.md §2).
 
@@ -164,6 +181,8 @@ def joint_decompose(
         reg: α > 0, the regulariser of step 3.
         dtype: storage dtype of U, V, λ (default: the weights' dtype); the maths runs in float64.
         name: category name, for the log line.
+        inverse: also return V⁻¹ (``JointBasis.V_inv``), from the float64 factors: V = Rᵀ·E with E
+            orthogonal, so V⁻¹ = Eᵀ·R⁻ᵀ = (R⁻¹·E)ᵀ, one triangular solve (no general inverse).
 
     Returns:
         a ``JointBasis`` with the per-layer relative reconstruction errors (float64 maths).
@@ -203,10 +222,15 @@ def joint_decompose(
     stored = _times_power_of_two_(v, exponent).to(dtype)
     if not (finite and bool(torch.isfinite(stored).all())):
         raise ValueError(f"cannot decompose: the shared basis V overflows {dtype} (weights too large for it)")
+    v_inv = None
+    if inverse:  # V was scaled by 2^e, so V⁻¹ by 2^-e (exact)
+        v_inv = _times_power_of_two_(torch.linalg.solve_triangular(r, e, upper=True).mT, -exponent).to(dtype)
+        if not bool(torch.isfinite(v_inv).all()):
+            raise ValueError(f"cannot decompose: V⁻¹ overflows {dtype} (weights too small for it)")
     elapsed = time.perf_counter() - started
     logger.info(
         "joint_decompose %s: %d x (%d, %d) in %.2fs, max rel. error %.2e%s",
         name or "<category>", len(ws), *ws[0].shape, elapsed, max(errors),
         f", jitter {jitter:.1e}" if jitter else "",
     )
-    return JointBasis(V=stored, U=us, lam=lams, errors=errors, jitter=jitter)
+    return JointBasis(V=stored, U=us, lam=lams, errors=errors, jitter=jitter, V_inv=v_inv)

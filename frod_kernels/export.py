@@ -27,25 +27,34 @@ import torch
 from torch import nn
 
 from .adapter import ADAPTER_FILE, CONFIG_FILE, save_frod
-from .layer import MERGED_MARKER, FRoDLinear
+from .layer import MERGED_MARKER, FRoDLayer
 from .targets import frod_layers, modules_with_all_names
 
 __all__ = ["frod_checkpoint_state_dict", "install_checkpoint_guard", "merged_state_dict", "remove_checkpoint_guard",
            "save_pretrained"]
 
 
-def _merged(model: nn.Module, state: dict[str, torch.Tensor] | None, resumable: bool) -> dict[str, torch.Tensor]:
+def _merged(model: nn.Module, state: dict[str, torch.Tensor] | None, resumable: bool,
+            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     if not frod_layers(model):
         raise ValueError("the model has no FRoD layers (call apply_frod first)")
     state = dict(model.state_dict() if state is None else state)
     for target in modules_with_all_names(model):
         layer = target.module
-        if not isinstance(layer, FRoDLinear):
+        if not isinstance(layer, FRoDLayer):
             continue
-        w = layer.weight.detach() if layer.merged else layer.effective_weight()
+        w = layer.effective_weight().detach()  # what merge() writes, bit for bit
+        if dtype is not None:
+            w = w.to(dtype)
         if layer.base_class is not nn.Linear:  # Conv1D stores Wᵀ
             w = w.t().contiguous()
         for prefix in (f"{alias}." for alias in target.aliases):
+            # The input form's base sits under base_layer. (a quantized one with its quantization state):
+            # the plain architecture has W' and b at the layer's own name.
+            for key in [k for k in state if k.startswith(prefix + "base_layer.")]:
+                del state[key]
+            if layer.bias is not None:
+                state[prefix + "bias"] = layer.bias.detach() if dtype is None else layer.bias.detach().to(dtype)
             state[prefix + "weight"] = w
             if resumable:
                 state[prefix + "delta"] = layer.delta.detach()
@@ -57,9 +66,12 @@ def _merged(model: nn.Module, state: dict[str, torch.Tensor] | None, resumable: 
     return state
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` as the model without FRoD would have it, with every weight merged."""
-    return _merged(model, None, resumable=False)
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as the model without FRoD would have it, with every weight merged.
+
+    ``dtype``: of the FRoD layers' W' and b (default: W's; a quantized base's dequantized dtype). The
+    model is unchanged (a quantized base stays quantized; its entry here is float W')."""
+    return _merged(model, None, resumable=False, dtype=dtype)
 
 
 def frod_checkpoint_state_dict(model: nn.Module,

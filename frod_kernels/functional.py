@@ -22,7 +22,7 @@ from . import ops
 from .dispatch import choose_backend, choose_path
 from .pattern import SparsePattern
 
-__all__ = ["compute_dtype", "frod_linear", "frod_linear_reusing"]
+__all__ = ["compute_dtype", "frod_input_transform", "frod_linear", "frod_linear_reusing"]
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
@@ -207,3 +207,44 @@ def frod_linear_reusing(
     # A 2-D x gets the op's output itself, as from nn.Linear: not a view (FSDP2 warns about views,
     # whose in-place use would bypass its backward hooks); N-D x gets a view, as nn.Linear gives.
     return (y if x.dim() == 2 else y.reshape(*lead, o)), resolved_path, built
+
+
+def frod_input_transform(
+    x: torch.Tensor,
+    V: torch.Tensor,
+    V_inv: torch.Tensor,
+    lam_pinv: torch.Tensor,
+    delta: torch.Tensor,
+    sparse_indices: torch.Tensor | SparsePattern,
+    sparse_values: torch.Tensor,
+    backend: str = "auto",
+    path: str = "auto",
+) -> torch.Tensor:
+    """x̃ = x + ((x·V)·Mᵀ·Λ⁺)·V⁻¹, the input form's transform (docs/design.md §6.1): base(x̃) = x·W'ᵀ + b.
+
+    With M' = Λ⁺·M (row r of M scaled by λ⁺_r: diagonal λ⁺∘δ, entries λ⁺_{r_j}·s_j) this is
+    x + x·(V⁻ᵀ·M'·Vᵀ)ᵀ, i.e. ``frod_linear`` without W, with U = V⁻ᵀ and M' in place of M: the same
+    kernels, custom ops and autograd formula (the token path, or the weight path forming the n × n
+    V⁻ᵀ·M'·Vᵀ), and the gradients of δ and s are those of M' times λ⁺ (the scaling is autograd's).
+
+    Args:
+        x: (..., n) floating point.  V, V_inv: (n, n), V⁻¹ best row-major (U = V⁻ᵀ column-major).
+        lam_pinv: (n,) λ⁺, 1/λ with disabled directions 0 (``FRoDInputLinear`` guards it).
+        delta: (n,) δ.  sparse_indices, sparse_values: Ω and s, as for ``frod_linear``.
+
+    At δ = s = 0 the update is exactly zero, so x̃ = x bit for bit. In 16-bit dtypes the update is
+    accumulated in float32 inside each product and rounded once before the one rounding of x + it.
+    """
+    if not isinstance(lam_pinv, torch.Tensor) or not isinstance(delta, torch.Tensor) or lam_pinv.shape != delta.shape:
+        raise ValueError(f"lam_pinv must be a tensor of delta's shape {tuple(getattr(delta, 'shape', ()))}, got "
+                         f"{tuple(getattr(lam_pinv, 'shape', ()))}")
+    indices = sparse_indices.indices if isinstance(sparse_indices, SparsePattern) else sparse_indices
+    if not isinstance(sparse_values, torch.Tensor) or not isinstance(indices, torch.Tensor):
+        raise TypeError("sparse_indices and sparse_values must be tensors")
+    if indices.dim() != 2 or indices.shape[0] != 2 or indices.shape[1] != sparse_values.shape[-1]:
+        raise ValueError(f"sparse_indices has shape {tuple(indices.shape)}, expected (2, {sparse_values.shape[-1]})")
+    scale = lam_pinv.to(delta.dtype)
+    diag = scale * delta
+    values = scale.to(sparse_values.dtype)[indices[0]] * sparse_values
+    update = frod_linear(x, None, None, V_inv.mT, V, diag, sparse_indices, values, backend, path)
+    return x + update

@@ -29,12 +29,12 @@ from .dispatch import BACKENDS, PATHS
 from .fingerprint import dtype_name, weight_fingerprint
 from .functional import compute_dtype, frod_linear, frod_linear_reusing
 from .layer_checkpoint import MERGED_MARKER, frod_entries_of_merged
-from .layer_state import BaseProvenance, BasisGate, WeightCache, basis_path_error, state_key
+from .layer_state import BaseProvenance, BasisGate, WeightCache, basis_path_error, converts_to_empty, state_key
 from .options import check_choice
 from .pattern import SparsePattern, sample_sparse_pattern, validate_sparse_rate
 from .reference import rotation_matrix
 
-__all__ = ["CACHED_WEIGHT", "MERGED", "MERGED_MARKER", "REUSED_WEIGHT", "FRoDBasis", "FRoDLinear",
+__all__ = ["CACHED_WEIGHT", "MERGED", "MERGED_MARKER", "REUSED_WEIGHT", "FRoDBasis", "FRoDLayer", "FRoDLinear",
            "FactoredWeight"]
 
 
@@ -46,6 +46,7 @@ class FRoDBasis(nn.Module):
         self, V: torch.Tensor, sparse_indices: torch.Tensor, sparse_rate: float, seed: int, reg: float,
         name: str = "", *, base_seed: int | None = None, source: str = "given", fingerprint: str | None = None,
         max_error: float = 0.0, jitter: float = 0.0, fingerprint_dtype: torch.dtype | None = None,
+        V_inv: torch.Tensor | None = None,
     ) -> None:
         """Args beyond V and Ω record where the basis came from, for adapters and summaries:
 
@@ -54,12 +55,14 @@ class FRoDBasis(nn.Module):
         ``"joint_decompose"`` when V is a function of the category's base weights (rebuilt on
         load), ``"given"`` when the caller supplied it; fingerprint: of the base weights V was
         computed from (``fingerprint.weight_fingerprint``) and fingerprint_dtype, their dtype then
-        (default: V's), kept in ``fingerprints``; max_error, jitter: the decomposition's.
+        (default: V's), kept in ``fingerprints``; max_error, jitter: the decomposition's; V_inv: V⁻¹
+        (row-major), which the input form needs (``FRoDInputLinear``), None otherwise.
         """
         super().__init__()
         n = V.shape[0]
         pattern = SparsePattern.from_indices(sparse_indices.to(V.device), n)
         self.register_buffer("V", V.detach().t().contiguous().t(), persistent=False)
+        self.register_buffer("V_inv", None if V_inv is None else V_inv.detach().to(V).contiguous(), persistent=False)
         for field, tensor in zip(SparsePattern._fields, pattern, strict=True):
             self.register_buffer(field, tensor, persistent=False)
         self.sparse_rate, self.seed, self.reg, self.name = sparse_rate, seed, reg, name
@@ -149,13 +152,6 @@ MERGED = "merged"
 CACHED_WEIGHT = "cached W'"
 REUSED_WEIGHT = "weight, reused W'"
 
-# ``nn.Module.to_empty`` converts with a lambda that allocates without copying: its code objects.
-_TO_EMPTY_CODE = tuple(c for c in nn.Module.to_empty.__code__.co_consts if hasattr(c, "co_code"))
-
-
-def _converts_to_empty(fn) -> bool:
-    return getattr(fn, "__code__", None) in _TO_EMPTY_CODE
-
 
 def _layer_basis(weight: torch.Tensor, sparse_rate: float, seed: int, reg: float,
                  basis: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
@@ -178,7 +174,45 @@ def _layer_basis(weight: torch.Tensor, sparse_rate: float, seed: int, reg: float
     return U, lam, shared
 
 
-class FRoDLinear(nn.Module):
+class FRoDLayer(nn.Module):
+    """What every FRoD layer is: trainable δ (n) and s (k) on a category's shared ``FRoDBasis``, with a
+    ``backend`` and a ``path`` for ``frod_linear``. ``FRoDLinear`` (additive, factored) and
+    ``FRoDInputLinear`` (the input form) are its two kinds; model-level code works with either."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "backend":
+            check_choice("backend", value, BACKENDS)
+        elif name == "path":
+            check_choice("path", value, PATHS)
+        super().__setattr__(name, value)
+
+    def _init_trainable(self, n: int, basis: FRoDBasis, dtype: torch.dtype, device: torch.device) -> None:
+        """δ and s, zero: the layer starts as the base layer."""
+        if not dtype.is_floating_point:
+            raise TypeError(f"param_dtype must be a floating-point dtype, got {dtype}")
+        self.basis = basis
+        self.delta = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
+        self.sparse_values = nn.Parameter(torch.zeros(basis.k, dtype=dtype, device=device))
+
+    @property
+    def k(self) -> int:
+        return self.basis.k
+
+    @property
+    def sparse_rate(self) -> float:
+        return self.basis.sparse_rate
+
+    def fingerprint_tensors(self) -> list[torch.Tensor] | None:
+        """The tensors an adapter's base fingerprint covers (``fingerprint``); None: no base is stored."""
+        base = self.base_weight
+        return None if base is None else [base]
+
+    def num_trainable(self) -> int:
+        """n + k, docs/design.md §3."""
+        return self.in_features + self.k
+
+
+class FRoDLinear(FRoDLayer):
     """y = x·(W + U·(diag(δ)+S)·Vᵀ)ᵀ + b; build it with ``FRoDLinear.from_linear``.
 
     As ``nn.Linear``: ``in_features`` (n), ``out_features`` (o), ``weight`` (o, n; a ``FactoredWeight``
@@ -214,8 +248,6 @@ class FRoDLinear(nn.Module):
                 f"basis does not fit a ({o}, {n}) weight: U {tuple(U.shape)}, lam {tuple(lam.shape)}, "
                 f"V ({basis.n}, {basis.n})"
             )
-        if param_dtype is not None and not param_dtype.is_floating_point:
-            raise TypeError(f"param_dtype must be a floating-point dtype, got {param_dtype}")
         self.in_features, self.out_features, self.mode = n, o, mode
         self.backend, self.path, self.exact = backend, path, bool(exact)
         self.merged = False
@@ -234,19 +266,9 @@ class FRoDLinear(nn.Module):
         U = U.detach().to(device=weight.device, dtype=dtype)
         self.register_buffer("U", U.t().contiguous().t(), persistent=False)
         self.register_buffer("lam", lam.detach().to(device=weight.device, dtype=dtype), persistent=False)
-        self.basis = basis
-        pdtype = param_dtype or dtype
-        self.delta = nn.Parameter(torch.zeros(n, dtype=pdtype, device=weight.device))
-        self.sparse_values = nn.Parameter(torch.zeros(basis.k, dtype=pdtype, device=weight.device))
+        self._init_trainable(n, basis, param_dtype or dtype, weight.device)
         self._provenance = BaseProvenance(self.base_weight)
         self._measure_basis()
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "backend":
-            check_choice("backend", value, BACKENDS)
-        elif name == "path":
-            check_choice("path", value, PATHS)
-        super().__setattr__(name, value)
 
     def __getattr__(self, name: str):
         # Only reached when normal lookup fails: in factored mode 'weight' is not a parameter
@@ -289,14 +311,6 @@ class FRoDLinear(nn.Module):
                    param_dtype=param_dtype, exact=exact)
 
     # -- the maths ------------------------------------------------------------------------------
-
-    @property
-    def k(self) -> int:
-        return self.basis.k
-
-    @property
-    def sparse_rate(self) -> float:
-        return self.basis.sparse_rate
 
     @property
     def base_weight(self) -> torch.Tensor | None:
@@ -521,7 +535,7 @@ class FRoDLinear(nn.Module):
         # .to(device/dtype) while merged does not leave it behind. A conversion keeps W's values
         # (so its provenance), except to_empty and anything from or to meta, which keep none.
         was_original = self._provenance.is_original(self.base_weight)
-        loses_values = _converts_to_empty(fn) or self.U.device.type == "meta"
+        loses_values = converts_to_empty(fn) or self.U.device.type == "meta"
         super()._apply(fn, recurse)
         if self._unmerged_weight is not None:
             self._unmerged_weight = fn(self._unmerged_weight)
@@ -600,10 +614,6 @@ class FRoDLinear(nn.Module):
         if self.bias is not None:
             lin.bias = nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
         return lin
-
-    def num_trainable(self) -> int:
-        """n + k, docs/design.md §3."""
-        return self.in_features + self.k
 
     def extra_repr(self) -> str:
         share = 100.0 * self.num_trainable() / (self.in_features * self.out_features)

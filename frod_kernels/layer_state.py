@@ -20,12 +20,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .pattern import SparsePattern
 from .reference import error_tolerance, relative_error
 
-__all__ = ["BaseProvenance", "BasisGate", "BasisMeasurement", "WeightCache", "basis_path_error", "state_key"]
+__all__ = ["BaseProvenance", "BasisGate", "BasisMeasurement", "WeightCache", "basis_path_error", "converts_to_empty",
+           "state_key"]
+
+
+# ``nn.Module.to_empty`` converts with a lambda that allocates without copying: its code objects.
+_TO_EMPTY_CODE = tuple(c for c in nn.Module.to_empty.__code__.co_consts if hasattr(c, "co_code"))
+
+
+def converts_to_empty(fn) -> bool:
+    """Whether ``fn``, given to ``Module._apply``, is ``to_empty``'s: it keeps no values."""
+    return getattr(fn, "__code__", None) in _TO_EMPTY_CODE
 
 
 class _OptimizerSteps:

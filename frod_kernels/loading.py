@@ -24,7 +24,7 @@ from .adapter import describe_categories, load_frod_state_dict, pattern_hash, re
 from .decomposition import ALGORITHM_VERSION, joint_decompose
 from .fingerprint import compare_fingerprints, dtype_name
 from .layer import MODES, FRoDBasis, FRoDLinear
-from .model import CategorySpec, apply_categories
+from .model import CategorySpec, apply_categories, other_base
 from .options import check_choice
 from .pattern import sample_sparse_pattern
 from .targets import ModelTransaction, frod_categories, frod_layers
@@ -96,7 +96,7 @@ def _install(plan) -> None:
             layer.rebuild_basis(U, lam)
 
 
-def _check_against_model(path: Path, model: nn.Module, cats: dict[str, dict]) -> None:
+def _check_against_model(path: Path, model: nn.Module, cats: dict[str, dict], allow_other_base: bool) -> None:
     """The model's FRoD categories must be the adapter's, input for input."""
     have = describe_categories(model)
     all_layers = frod_layers(model)
@@ -120,12 +120,11 @@ def _check_against_model(path: Path, model: nn.Module, cats: dict[str, dict]) ->
             raise ValueError(f"category {name!r}: the model's given basis V differs from the adapter's")
         if not want["fingerprints"]:
             raise ValueError(f"category {name!r}: the adapter records no fingerprint of its base weights")
-        weights = [all_layers[n].base_weight for n in got["layers"]]
+        found = [all_layers[n].fingerprint_tensors() for n in got["layers"]]
         # Factored layers keep no W: their recorded base stands for it.
-        reason = (_compare_records(got["fingerprints"], want["fingerprints"]) if any(w is None for w in weights)
-                  else compare_fingerprints(weights, want["fingerprints"]))
-        if reason is not None:
-            raise ValueError(f"category {name!r}: {reason}")
+        reason = (_compare_records(got["fingerprints"], want["fingerprints"]) if any(f is None for f in found)
+                  else compare_fingerprints([t for f in found for t in f], want["fingerprints"]))
+        other_base(name, reason, allow_other_base)
         if got["reg"] != want["reg"]:
             raise ValueError(
                 f"category {name!r}: the model's basis was decomposed with reg={got['reg']}, the adapter's with "
@@ -159,7 +158,7 @@ def _param_dtypes(cats: dict[str, dict], tensors: dict[str, torch.Tensor], param
 
 
 def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None,
-              param_dtype: torch.dtype | None = None) -> nn.Module:
+              param_dtype: torch.dtype | None = None, allow_other_base: bool = False) -> nn.Module:
     """Load an adapter (a file, or a directory written by ``save_frod``, ``model.save_pretrained`` or the
     HF Trainer) into ``model``: a base model (FRoD is applied from the file's categories) or a model that
     already has the same FRoD layers. Returns the model.
@@ -171,6 +170,11 @@ def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None
     ``param_dtype`` the dtype of δ and s then (default: as saved). Parameters listed as ``extra`` (a
     head) are loaded and left trainable, as they were when saved. On any refusal the model is left
     exactly as it was.
+
+    ``allow_other_base``: load into a base that is not the adapter's (an adapter trained on a 4-bit
+    base into the float one, or the other way round) with a ``FRoDBaseMismatchWarning`` that names the
+    mismatch, instead of refusing. δ and s then act in the basis of this base, which differs from the
+    one they were trained in as much as the two bases differ: the function is close, not the same.
     """
     path = Path(path)
     tensors, cats, extra, configs = read_adapter(path)
@@ -202,10 +206,10 @@ def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None
                 for name, cat in cats.items()
             }
             apply_categories(model, specs, {name: cat["fingerprints"] for name, cat in cats.items()}, tx,
-                             _param_dtypes(cats, tensors, param_dtype))
+                             _param_dtypes(cats, tensors, param_dtype), allow_other_base)
         else:  # a model built from the file's own categories matches them by construction
             _install(_rebuild_plan(path, _lost_bases(model), cats))
-            _check_against_model(path, model, cats)
+            _check_against_model(path, model, cats, allow_other_base)
         params = dict(model.named_parameters())
         frod_weights = {id(layer.weight) for layer in frod_layers(model).values()}
         for key in extra:

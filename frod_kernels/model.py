@@ -21,11 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .base_layers import check_wrappable, is_bnb_layer, stored_tensors
 from .config import FRoDConfig
-from .decomposition import check_weights, joint_decompose
+from .decomposition import check_weights, condition_number, joint_decompose
 from .export import install_checkpoint_guard, remove_checkpoint_guard
 from .fingerprint import compare_fingerprints, fingerprints_by_dtype
-from .layer import FRoDBasis, FRoDLinear
+from .input_layer import FRoDInputLinear
+from .layer import FRoDBasis, FRoDLayer, FRoDLinear
 from .pattern import sample_sparse_pattern
 from .summary import FRoDSummary, progress_bar, report_category, summarize
 from .targets import (
@@ -43,7 +45,8 @@ from .targets import (
     replace_module,
 )
 
-__all__ = ["FRoDCategoryWarning", "apply_frod", "frod_param_groups", "merge_frod", "unload_frod", "unmerge_frod"]
+__all__ = ["FRoDBaseMismatchWarning", "FRoDCategoryWarning", "apply_frod", "frod_param_groups", "merge_frod",
+           "unload_frod", "unmerge_frod"]
 
 logger = logging.getLogger("frod_kernels")
 
@@ -82,6 +85,23 @@ class CategorySpec:
 
 class FRoDCategoryWarning(UserWarning):
     """A category that is probably not what the user meant (one layer: its basis is not shared)."""
+
+
+class FRoDBaseMismatchWarning(UserWarning):
+    """An adapter loaded into another base than it was trained on, on request (``allow_other_base``)."""
+
+
+def other_base(category: str, reason: str | None, allowed: bool) -> None:
+    """Refuse a category whose base is not the adapter's (``reason``), or with ``allowed`` warn that it is not."""
+    if reason is None:
+        return
+    if not allowed:
+        raise ValueError(f"category {category!r}: {reason}")
+    warnings.warn(
+        f"category {category!r}: {reason}; loaded anyway (allow_other_base=True): δ and s act in this base's "
+        f"basis, not the one they were trained in, so the model computes a nearby function, not the trained one",
+        FRoDBaseMismatchWarning, stacklevel=4,
+    )
 
 
 def _group(targets: list[Target], taken: set[str]) -> dict[str, list[Target]]:
@@ -126,6 +146,32 @@ def _warn_single_layer_categories(groups: dict[str, list[Target]], target_module
             )
 
 
+def _category_modes(groups: dict[str, list[Target]], config: FRoDConfig) -> dict[str, str]:
+    """Each category's mode: the first ``mode_pattern`` entry matching its first layer (a name suffix, or a
+    regex matching the whole name), else ``config.mode``; a quantized base only in the input form."""
+    modes = {}
+    for cat, members in groups.items():
+        aliases = members[0].aliases
+        mode = next((m for key, m in config.mode_pattern.items()
+                     if any(matcher([key])(a) or re.fullmatch(key, a) for a in aliases)), config.mode)
+        for t in members:
+            if mode == "input":
+                check_wrappable(t.module, t.name)
+            elif is_bnb_layer(t.module):
+                raise ValueError(
+                    f"target {t.name!r} is a quantized {type(t.module).__name__}: only mode='input' keeps a quantized "
+                    f"base (it wraps the layer as it is); use mode='input', or mode_pattern={{{cat.split('.')[-1]!r}: "
+                    f"'input'}} for this category"
+                )
+        modes[cat] = mode
+    return modes
+
+
+def _fingerprint_tensors(members: list[Target]) -> list[torch.Tensor]:
+    """What a category's fingerprint covers: each base as stored (``base_layers.stored_tensors``)."""
+    return [t for member in members for t in stored_tensors(member.module)]
+
+
 def _check_category_weights(groups: dict[str, list[Target]]) -> None:
     for cat, members in groups.items():
         try:
@@ -143,20 +189,27 @@ def _build_category(
     ``fingerprints``: of the members' weights (``fingerprints_by_dtype``), when the caller has them."""
     linears = [as_linear(t.module) for t in members]
     weights = [lin.weight for lin in linears]
-    fingerprints = fingerprints or fingerprints_by_dtype(weights)
-    jb = joint_decompose(weights, reg=spec.reg, name=name)
+    fingerprints = fingerprints or fingerprints_by_dtype(_fingerprint_tensors(members))
+    wrap = spec.mode == "input"
+    jb = joint_decompose(weights, reg=spec.reg, name=name, inverse=wrap)
     n = weights[0].shape[1]
     basis = FRoDBasis(
         jb.V, sample_sparse_pattern(n, spec.sparse_rate, spec.seed), spec.sparse_rate, spec.seed, spec.reg, name=name,
-        base_seed=spec.base_seed, source="joint_decompose", max_error=max(jb.errors), jitter=jb.jitter,
+        base_seed=spec.base_seed, source="joint_decompose", max_error=max(jb.errors), jitter=jb.jitter, V_inv=jb.V_inv,
     )
     basis.fingerprints = dict(fingerprints)
+    if wrap:
+        basis.condition = condition_number(jb.V, jb.V_inv)
     for t, linear, U, lam in zip(members, linears, jb.U, jb.lam, strict=True):
-        layer = FRoDLinear.from_linear(
-            linear, basis=(U, jb.V, lam), shared=basis, mode=spec.mode, backend=config.backend, path=config.path,
-            param_dtype=config.param_dtype, exact=config.exact,
-        )
-        layer.base_class = type(t.module)
+        if wrap:
+            layer = FRoDInputLinear(t.module, lam, basis, backend=config.backend, path=config.path,
+                                    param_dtype=config.param_dtype)
+        else:
+            layer = FRoDLinear.from_linear(
+                linear, basis=(U, jb.V, lam), shared=basis, mode=spec.mode, backend=config.backend, path=config.path,
+                param_dtype=config.param_dtype, exact=config.exact,
+            )
+            layer.base_class = type(t.module)
         for alias in t.aliases:
             tx.replace(alias, layer)
     return basis
@@ -208,6 +261,7 @@ def apply_frod(
     existing = frod_categories(model)
     targets = find_targets(model, config.target_modules)
     groups = _group(targets, set(existing))
+    modes = _category_modes(groups, config)
     _check_category_weights(groups)  # fail before touching the model, not half-way through it
     saved = _find_modules_to_save(model, config.modules_to_save, targets)
     _warn_single_layer_categories(groups, config.target_modules)
@@ -219,7 +273,7 @@ def apply_frod(
             for i, (cat, members) in enumerate(groups.items()):
                 started = time.perf_counter()
                 spec = CategorySpec([t.name for t in members], config.sparse_rate, category_seed(config.seed, cat),
-                                    config.reg, config.mode, config.seed)
+                                    config.reg, modes[cat], config.seed)
                 basis = _build_category(tx, cat, members, spec, config)
                 report_category(bar, verbose, i, len(groups), cat, basis, len(members), started)
             for module in saved:
@@ -230,8 +284,25 @@ def apply_frod(
     model.frod_configs = [*getattr(model, "frod_configs", []), config]
     install_checkpoint_guard(model)
     summary = summarize(model)
+    _warn_disabled_directions(summary, groups)
     logger.info("apply_frod: %d layers, %d categories, %d trainable", summary.layers, len(groups), summary.trainable)
     return summary
+
+
+def _warn_disabled_directions(summary: FRoDSummary, groups: dict[str, list[Target]]) -> None:
+    """Say loudly where the input form's λ guard turned directions off (``input_layer``)."""
+    for cat in groups:
+        disabled = summary.categories[cat].get("disabled", 0)
+        if disabled:
+            c = summary.categories[cat]
+            warnings.warn(
+                f"apply_frod: category {cat!r} ({len(c['layers'])} layer(s), "
+                f"{c['out_features']}x{c['in_features']}) in mode 'input' has {disabled} direction(s) with λ too small "
+                f"for the input form (cond(V) "
+                f"{c['condition']:.1e}); δ and s do nothing there. Additive or factored mode keeps them: "
+                f"mode_pattern={{{cat.split('.')[-1]!r}: 'additive'}}",
+                FRoDCategoryWarning, stacklevel=3,
+            )
 
 
 def _find_modules_to_save(model: nn.Module, names: Sequence[str], targets: list[Target]) -> list[nn.Module]:
@@ -253,7 +324,7 @@ def _find_modules_to_save(model: nn.Module, names: Sequence[str], targets: list[
 
 def apply_categories(
     model: nn.Module, specs: dict[str, CategorySpec], fingerprints: dict[str, dict[str, str]], tx: ModelTransaction,
-    param_dtypes: dict[str, torch.dtype | None],
+    param_dtypes: dict[str, torch.dtype | None], allow_other_base: bool = False,
 ) -> None:
     """Rebuild FRoD categories exactly as described (``load_frod`` on a base model): each layer by
     its module name, each category's weights checked against its recorded ``fingerprints`` (any dtype
@@ -270,11 +341,13 @@ def apply_categories(
         groups[cat] = [by_name[name] for name in spec.layers]
         for t in groups[cat]:
             check_replaceable(t)
+    for cat, members in groups.items():
+        if specs[cat].mode == "input":
+            for t in members:
+                check_wrappable(t.module, t.name)
     _check_category_weights(groups)
     for cat, members in groups.items():
-        reason = compare_fingerprints([as_linear(t.module).weight for t in members], fingerprints[cat])
-        if reason is not None:
-            raise ValueError(f"category {cat!r}: {reason}")
+        other_base(cat, compare_fingerprints(_fingerprint_tensors(members), fingerprints[cat]), allow_other_base)
     _freeze_all_but_frod(model, frod_param_ids(model))
     for cat, members in groups.items():
         spec = specs[cat]
@@ -282,7 +355,7 @@ def apply_categories(
                             param_dtype=param_dtypes[cat])
         # The weights are a rounding of the adapter's base: its record (other dtypes) stays theirs too, so
         # an adapter saved again from this model still loads wherever the first one did.
-        own = fingerprints_by_dtype([as_linear(t.module).weight for t in members])
+        own = fingerprints_by_dtype(_fingerprint_tensors(members))
         record = {dtype: fp for dtype, fp in fingerprints[cat].items() if dtype != "any"}
         _build_category(tx, cat, members, spec, config, fingerprints={**record, **own})
     install_checkpoint_guard(model)
@@ -332,13 +405,21 @@ def unmerge_frod(model: nn.Module) -> None:
 def unload_frod(model: nn.Module, merge: bool = True) -> nn.Module:
     """Give back the replaced modules' classes (``nn.Linear``/``Conv1D``) with W' if ``merge``, else W.
 
-    In factored mode W is rebuilt as U·diag(λ)·Vᵀ (exact up to the decomposition's rounding).
+    In factored mode W is rebuilt as U·diag(λ)·Vᵀ (exact up to the decomposition's rounding). The input
+    form gives back its base module itself without ``merge``; with it, a float ``nn.Linear`` for a
+    quantized base (W' dequantized: the update would not survive requantizing).
     """
     for target in modules_with_all_names(model):
-        if isinstance(target.module, FRoDLinear):
-            plain = from_linear_view(target.module.to_linear(merge=merge), target.module.base_class)
-            for alias in target.aliases:  # one module again wherever the FRoD layer was
-                replace_module(model, alias, plain)
+        layer = target.module
+        if isinstance(layer, FRoDInputLinear) and not merge:
+            layer.unmerge()
+            plain = layer.base_layer
+        elif isinstance(layer, FRoDLayer):
+            plain = from_linear_view(layer.to_linear(merge=merge), layer.base_class)
+        else:
+            continue
+        for alias in target.aliases:  # one module again wherever the FRoD layer was
+            replace_module(model, alias, plain)
     remove_checkpoint_guard(model)
     return model
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["error_tolerance", "frod_linear_reference", "relative_error", "rotation_matrix"]
+__all__ = ["error_tolerance", "frod_input_reference", "frod_linear_reference", "relative_error", "rotation_matrix"]
 
 
 def rotation_matrix(delta: torch.Tensor, sparse_indices: torch.Tensor, sparse_values: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,21 @@ def frod_linear_reference(
     w_eff = delta_weight if weight is None else weight + delta_weight
     y = x @ w_eff.mT
     return y if bias is None else y + bias
+
+
+def frod_input_reference(
+    x: torch.Tensor,
+    base,
+    V: torch.Tensor,
+    V_inv: torch.Tensor,
+    lam_pinv: torch.Tensor,
+    delta: torch.Tensor,
+    sparse_indices: torch.Tensor,
+    sparse_values: torch.Tensor,
+) -> torch.Tensor:
+    """The input form (docs/design.md §6.1): base(x + x·V·Mᵀ·diag(λ⁺)·V⁻¹), ``base`` any x ↦ x·Wᵀ + b."""
+    transform = V @ rotation_matrix(delta, sparse_indices, sparse_values).mT @ torch.diag(lam_pinv) @ V_inv
+    return base(x + x @ transform)
 
 
 def relative_error(value: torch.Tensor, ref: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layer import FRoDBasis, FRoDLinear
+from .layer import FRoDBasis, FRoDLayer
 from .targets import frod_categories, frod_layers
 
 __all__ = ["FRoDSummary", "print_trainable_parameters", "progress_bar", "report_category", "summarize",
@@ -23,7 +23,9 @@ class FRoDSummary:
     The basis path (``FRoDLinear``, docs/design.md §5) per category: ``basis_ratio`` is the largest
     deviation / tolerance over its layers in the weights' dtype (≤ 1: within the error criterion),
     ``basis_layers`` how many layers may take it; "exact" (every layer has ``exact=True``) or
-    "factored" (the category computes in the basis by construction) instead of a ratio.
+    "factored" (the category computes in the basis by construction) instead of a ratio. A category
+    in the input form (docs/design.md §6.1) shows "input", its ``condition`` (cond₂(V)) and how many
+    directions the λ guard ``disabled`` over its layers.
 
     It covers every FRoD layer of the model, those of earlier ``apply_frod`` calls included.
     """
@@ -47,6 +49,8 @@ class FRoDSummary:
             shape = f"{c['out_features']}x{c['in_features']}"
             ratio = c["basis_ratio"]
             basis = ratio if isinstance(ratio, str) else f"{ratio:.2f} ({c['basis_layers']}/{len(c['layers'])} ok)"
+            if ratio == "input":
+                basis = f"cond {c['condition']:.1e}, {c['disabled']} off"
             lines.append(
                 f"{name:<48} {len(c['layers']):>6} {shape:>11} {c['k']:>9} {c['sparse_rate']:>7g} "
                 f"{c['max_error']:>12.2e} {basis:>16}"
@@ -74,8 +78,11 @@ def summarize(model: nn.Module) -> FRoDSummary:
     return summary
 
 
-def _basis_summary(layers: list[FRoDLinear]) -> dict:
+def _basis_summary(layers: list[FRoDLayer]) -> dict:
     """``basis_ratio`` and ``basis_layers`` of one category (see ``FRoDSummary``)."""
+    if all(layer.mode == "input" for layer in layers):
+        return {"basis_ratio": "input", "basis_layers": 0, "condition": getattr(layers[0].basis, "condition", None),
+                "disabled": sum(layer.disabled for layer in layers)}
     if all(layer.mode == "factored" for layer in layers):
         return {"basis_ratio": "factored", "basis_layers": len(layers)}
     measured = [layer.basis_deviation() for layer in layers

@@ -10,13 +10,13 @@ stored contiguously, so an unloaded model has the original architecture and chec
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from .layer import FRoDBasis, FRoDLinear
+from .base_layers import conv1d_class, dense_weight, is_bnb_layer
+from .layer import FRoDBasis, FRoDLayer
 
 __all__ = [
     "ModelTransaction", "Target", "as_linear", "check_replaceable", "find_targets", "frod_categories",
@@ -35,18 +35,14 @@ def matcher(target_modules: str | Sequence[str]) -> Callable[[str], bool]:
     return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
 
 
-def _conv1d_class() -> type[nn.Module] | None:
-    """transformers' ``Conv1D`` if transformers is already imported (a model using it imports it)."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
-
-
 def as_linear(module: nn.Module) -> nn.Linear:
-    """``module`` itself if it is an nn.Linear; for a Conv1D, an nn.Linear whose weight is Wcᵀ (a view)."""
+    """``module`` itself if it is an nn.Linear; for a Conv1D, an nn.Linear whose weight is Wcᵀ (a view);
+    for a bitsandbytes layer, one whose weight is the dequantized W (a copy, for checks and shapes)."""
     if type(module) is nn.Linear:
         return module
-    linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None, device="meta")
-    linear.weight = nn.Parameter(module.weight.detach().t(), requires_grad=module.weight.requires_grad)
+    weight = dense_weight(module) if is_bnb_layer(module) else module.weight.t()
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=module.weight.requires_grad)
     linear.bias = module.bias
     return linear
 
@@ -81,13 +77,16 @@ def modules_with_all_names(model: nn.Module) -> list[Target]:
 
 
 def check_replaceable(target: Target) -> None:
-    """Raise unless ``target`` is an ``nn.Linear`` or transformers ``Conv1D`` (not yet FRoD) with weights."""
-    if isinstance(target.module, FRoDLinear):
-        raise ValueError(f"module {target.name!r} is already a FRoDLinear (apply_frod was applied before)")
-    conv1d = _conv1d_class()
-    if type(target.module) is not nn.Linear and (conv1d is None or type(target.module) is not conv1d):
+    """Raise unless ``target`` is an ``nn.Linear``, transformers ``Conv1D`` or bitsandbytes layer (not yet FRoD)
+    with weights (whether a mode can take a quantized layer is the caller's to check)."""
+    if isinstance(target.module, FRoDLayer):
+        raise ValueError(f"module {target.name!r} is already a FRoD layer (apply_frod was applied before)")
+    conv1d = conv1d_class()
+    if type(target.module) is not nn.Linear and (conv1d is None or type(target.module) is not conv1d) and not (
+            is_bnb_layer(target.module)):
         raise TypeError(
-            f"target {target.name!r} is a {type(target.module).__name__}, not an nn.Linear or transformers Conv1D"
+            f"target {target.name!r} is a {type(target.module).__name__}, not an nn.Linear, transformers Conv1D or "
+            f"bitsandbytes linear layer"
         )
     if target.module.weight.device.type == "meta":
         raise ValueError(
@@ -147,9 +146,9 @@ class ModelTransaction:
             self.rollback()
 
 
-def frod_layers(model: nn.Module) -> dict[str, FRoDLinear]:
+def frod_layers(model: nn.Module) -> dict[str, FRoDLayer]:
     """The model's FRoD layers by module name (a layer reachable under several names: the first)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, FRoDLinear)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, FRoDLayer)}
 
 
 def frod_categories(model: nn.Module) -> dict[str, tuple[FRoDBasis, list[str]]]:

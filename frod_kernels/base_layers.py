@@ -1,0 +1,114 @@
+"""The frozen base layers FRoD's input form wraps (docs/design.md §6.1), seen through one interface.
+
+The input form computes y = base(x̃): it never reads the base weight in the forward or backward,
+so the base may store W in any way, as long as it computes x ↦ x·Wᵀ + b with x as given. What FRoD
+needs from it besides calling it:
+
+* ``dense_weight(base)``: W (o, n) as floating point values, to decompose and to merge: the weight
+  itself for ``nn.Linear``, the transpose view for transformers' ``Conv1D``, the dequantized weight
+  for bitsandbytes 4-bit layers (exactly the values their forward multiplies by);
+* ``stored_tensors(base)``: what the base stores, for fingerprints (the packed bytes and the
+  quantization state of a quantized base, so an adapter names the exact quantized base);
+* ``quantization(base)``: None for a float base, else a short name ("nf4", "fp4");
+* ``check_wrappable(base)``: refuses bases the input form cannot be exact for: layers that
+  quantize their input (bitsandbytes ``Linear8bitLt``, LLM.int8(), rounds x to 8 bits per row, and
+  with it x̃ − x, the whole update) and anything else that is not a known linear layer.
+
+bitsandbytes is optional: it is imported only when a model holds its layers (``sys.modules``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+__all__ = ["check_wrappable", "conv1d_class", "dense_weight", "is_bnb_layer", "is_quantized", "quantization",
+           "stored_tensors"]
+
+
+def _bnb_classes() -> tuple[type, type] | None:
+    """(Linear4bit, Linear8bitLt) if bitsandbytes is imported (a model holding its layers imports it)."""
+    nn_module = sys.modules.get("bitsandbytes.nn")
+    if nn_module is None:
+        return None
+    return nn_module.Linear4bit, nn_module.Linear8bitLt
+
+
+def conv1d_class() -> type | None:
+    """transformers' ``Conv1D`` if transformers is already imported (a model using it imports it)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def is_bnb_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit or 8-bit linear layer."""
+    bnb = _bnb_classes()
+    return bnb is not None and isinstance(module, bnb)
+
+
+def _is_4bit(base: nn.Module) -> bool:
+    bnb = _bnb_classes()
+    return bnb is not None and isinstance(base, bnb[0])
+
+
+def quantization(base: nn.Module) -> str | None:
+    """None for a float base; the quantization's name ("nf4", "fp4") for a bitsandbytes 4-bit one."""
+    if not _is_4bit(base):
+        return None
+    state = getattr(base.weight, "quant_state", None)
+    return getattr(state, "quant_type", None) or getattr(base.weight, "quant_type", "4bit")
+
+
+def is_quantized(base: nn.Module) -> bool:
+    return quantization(base) is not None
+
+
+def check_wrappable(base: nn.Module, name: str = "") -> None:
+    """Raise unless the input form can wrap ``base`` exactly (module docstring)."""
+    where = f"target {name!r}" if name else "the base layer"
+    bnb = _bnb_classes()
+    if bnb is not None and isinstance(base, bnb[1]):
+        raise TypeError(
+            f"{where} is a bitsandbytes Linear8bitLt (LLM.int8()): it quantizes its input to 8 bits per row, "
+            f"which rounds away FRoD's input-side update x̃ − x. Load the base in 4-bit (BitsAndBytesConfig("
+            f"load_in_4bit=True)) or in a float dtype"
+        )
+    if bnb is not None and isinstance(base, bnb[0]):
+        if not getattr(base.weight, "bnb_quantized", True) or getattr(base.weight, "quant_state", None) is None:
+            raise ValueError(f"{where} is a bitsandbytes Linear4bit whose weight is not quantized yet (move it to "
+                             f"its device first, as from_pretrained does)")
+        return
+    conv1d = conv1d_class()
+    if type(base) is not nn.Linear and (conv1d is None or type(base) is not conv1d):
+        raise TypeError(
+            f"{where} is a {type(base).__name__}: the input form wraps nn.Linear, transformers Conv1D and "
+            f"bitsandbytes Linear4bit layers"
+        )
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """W (o, n) as floating-point values (no copy for float bases; dequantized for 4-bit ones)."""
+    if is_bnb_layer(base) and not _is_4bit(base):
+        check_wrappable(base)  # raises: an 8-bit layer's weight cannot stand for its function
+    if _is_4bit(base):
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    if type(base) is nn.Linear:
+        return base.weight
+    return base.weight.t()  # Conv1D stores Wᵀ
+
+
+def stored_tensors(base: nn.Module) -> list[torch.Tensor]:
+    """The tensors that define the base's weight as stored: the weight, and for a 4-bit base its
+    packed bytes and quantization state (absmax, code and, with double quantization, theirs)."""
+    if not _is_4bit(base):
+        return [dense_weight(base)]
+    state = base.weight.quant_state
+    found = [base.weight.data, state.absmax, state.code]
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        found += [nested.absmax, nested.code, torch.as_tensor(float(state.offset))]
+    return [t.detach() for t in found]
