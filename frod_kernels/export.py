@@ -6,6 +6,9 @@ layout of the module FRoD replaced (``nn.Linear``: (o, n); transformers' ``Conv1
 ``merged_state_dict`` gives that, leaving the model as it is; ``save_pretrained`` writes it as a
 transformers checkpoint, which ``from_pretrained`` reloads as the plain architecture computing the
 trained function (W' = W + U·M·Vᵀ, formed in float64 and rounded once, as ``merge`` does).
+A model with a quantized base (the input form on bitsandbytes 4-bit layers) gives a float checkpoint:
+W' and every other quantized layer dequantized, and no ``quantization_config`` in ``config.json``
+(``from_pretrained(dir, quantization_config=…)`` quantizes it again if wanted).
 
 ``model.save_pretrained(dir)`` on a FRoD model (``apply_frod`` installs a guard for it, since the
 HF Trainer's saves and checkpoints go through it) writes one directory that serves every way back:
@@ -20,6 +23,7 @@ HF Trainer's saves and checkpoints go through it) writes one directory that serv
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from .adapter import ADAPTER_FILE, CONFIG_FILE, save_frod
+from .base_layers import dense_weight, is_quantized
 from .layer import MERGED_MARKER, FRoDLayer
 from .targets import frod_layers, modules_with_all_names
 
@@ -41,6 +46,8 @@ def _merged(model: nn.Module, state: dict[str, torch.Tensor] | None, resumable: 
     state = dict(model.state_dict() if state is None else state)
     for target in modules_with_all_names(model):
         layer = target.module
+        if is_quantized(layer) and not any(a.endswith(".base_layer") for a in target.aliases):
+            _dequantized_entries(state, target.aliases, layer)  # a quantized layer FRoD does not wrap
         if not isinstance(layer, FRoDLayer):
             continue
         w = layer.effective_weight().detach()  # what merge() writes, bit for bit
@@ -66,6 +73,35 @@ def _merged(model: nn.Module, state: dict[str, torch.Tensor] | None, resumable: 
     return state
 
 
+def _dequantized_entries(state: dict[str, torch.Tensor], aliases: list[str], layer: nn.Module) -> None:
+    """A 4-bit layer's entries as a float checkpoint holds them: W dequantized, no quantization state."""
+    for prefix in (f"{alias}." for alias in aliases):
+        for key in [k for k in state if k.startswith(prefix + "weight.")]:
+            del state[key]
+        state[prefix + "weight"] = dense_weight(layer).detach()
+
+
+@contextlib.contextmanager
+def _as_float_model(model: nn.Module):
+    """transformers saves a quantized model through its quantizer (the packed state dict) and writes its
+    ``quantization_config``; a merged checkpoint is float. While saving, the model has neither, so the
+    given state dict is written and ``from_pretrained(dir)`` loads the float model it describes."""
+    quantizer, config = getattr(model, "hf_quantizer", None), getattr(model, "config", None)
+    quant_config = getattr(config, "quantization_config", None)
+    if quantizer is None:
+        yield
+        return
+    model.hf_quantizer = None
+    if quant_config is not None:
+        del config.quantization_config
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if quant_config is not None:
+            config.quantization_config = quant_config
+
+
 def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` as the model without FRoD would have it, with every weight merged.
 
@@ -89,7 +125,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, **kwargs) ->
         raise TypeError(f"save_pretrained needs a transformers PreTrainedModel, got {type(model).__name__}")
     if "state_dict" in kwargs:
         raise TypeError("save_pretrained builds the state dict itself (merged weights); do not pass state_dict")
-    type(model).save_pretrained(model, directory, state_dict=merged_state_dict(model), **kwargs)
+    state_dict = merged_state_dict(model)
+    with _as_float_model(model):
+        type(model).save_pretrained(model, directory, state_dict=state_dict, **kwargs)
 
 
 class _SavePretrainedGuard:
@@ -103,10 +141,12 @@ class _SavePretrainedGuard:
     def __call__(self, save_directory: str | os.PathLike, *args, state_dict=None, is_main_process: bool = True,
                  **kwargs):
         model = self.model
-        if frod_layers(model):
+        frod = bool(frod_layers(model))
+        if frod:
             state_dict = frod_checkpoint_state_dict(model, state_dict)
-        result = type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict,
-                                             is_main_process=is_main_process, **kwargs)
+        with _as_float_model(model) if frod else contextlib.nullcontext():
+            result = type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict,
+                                                 is_main_process=is_main_process, **kwargs)
         if is_main_process and frod_layers(model):
             directory = Path(save_directory)
             save_frod(model, directory / ADAPTER_FILE)

@@ -282,6 +282,7 @@ def apply_frod(
         if bar is not None:
             bar.close()
     model.frod_configs = [*getattr(model, "frod_configs", []), config]
+    _mark_adapted_quantized(model)
     install_checkpoint_guard(model)
     summary = summarize(model)
     _warn_disabled_directions(summary, groups)
@@ -303,6 +304,18 @@ def _warn_disabled_directions(summary: FRoDSummary, groups: dict[str, list[Targe
                 f"mode_pattern={{{cat.split('.')[-1]!r}: 'additive'}}",
                 FRoDCategoryWarning, stacklevel=3,
             )
+
+
+def _mark_adapted_quantized(model: nn.Module) -> None:
+    """A transformers model loaded quantized says ``is_quantized``, and the HF Trainer refuses to train such a
+    model unless it is a PEFT model ("purely quantized", transformers' ``validate_quantization_for_training``).
+    With FRoD layers on its quantized base it is QLoRA's case (a frozen quantized base, trainable adapters), so
+    the flag is cleared while FRoD wraps a quantized layer and given back by ``unload_frod``. Its quantizer
+    stays (``save_pretrained`` sets it aside itself: ``export``)."""
+    wraps_quantized = any(layer.mode == "input" and layer.quantization for layer in frod_layers(model).values())
+    if wraps_quantized and vars(model).get("is_quantized"):
+        model.is_quantized = False
+        model.frod_cleared_is_quantized = True
 
 
 def _find_modules_to_save(model: nn.Module, names: Sequence[str], targets: list[Target]) -> list[nn.Module]:
@@ -421,6 +434,8 @@ def unload_frod(model: nn.Module, merge: bool = True) -> nn.Module:
         for alias in target.aliases:  # one module again wherever the FRoD layer was
             replace_module(model, alias, plain)
     remove_checkpoint_guard(model)
+    if vars(model).pop("frod_cleared_is_quantized", False):
+        model.is_quantized = True
     return model
 
 

@@ -318,7 +318,7 @@ def test_targets():
     with pytest.raises(ValueError, match="non-empty list of module-name suffixes"):
         fk.apply_frod(_Net(), [])
     net = _frod_net()
-    with pytest.raises(ValueError, match="'blocks.0.proj' is already a FRoDLinear"):
+    with pytest.raises(ValueError, match="'blocks.0.proj' is already a FRoD layer"):
         fk.apply_frod(net, ["proj"])
 
 
