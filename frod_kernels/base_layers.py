@@ -24,8 +24,8 @@ import sys
 import torch
 from torch import nn
 
-__all__ = ["check_wrappable", "conv1d_class", "dense_weight", "is_bnb_layer", "is_quantized", "quantization",
-           "stored_tensors"]
+__all__ = ["check_wrappable", "conv1d_class", "dense_weight", "dequantize", "is_bnb_layer", "is_quantized",
+           "keep_layout", "quantization", "requantize", "stored_tensors"]
 
 
 def _bnb_classes() -> tuple[type, type] | None:
@@ -79,6 +79,12 @@ def check_wrappable(base: nn.Module, name: str = "") -> None:
         if not getattr(base.weight, "bnb_quantized", True) or getattr(base.weight, "quant_state", None) is None:
             raise ValueError(f"{where} is a bitsandbytes Linear4bit whose weight is not quantized yet (move it to "
                              f"its device first, as from_pretrained does)")
+        if getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+            raise ValueError(
+                f"{where}: bitsandbytes repacked this Linear4bit for CPU inference (a forward under no_grad in eval "
+                f"mode on a CPU with AVX512-BF16), which rounds its scales to bfloat16: it is no longer the "
+                f"checkpoint's base. Load the model again and apply FRoD before running it under no_grad"
+            )
         return
     conv1d = conv1d_class()
     if type(base) is not nn.Linear and (conv1d is None or type(base) is not conv1d):
@@ -88,26 +94,58 @@ def check_wrappable(base: nn.Module, name: str = "") -> None:
         )
 
 
+def keep_layout(base: nn.Module) -> None:
+    """Stop bitsandbytes from repacking a 4-bit layer for CPU inference. On CPUs with AVX512-BF16 its
+    forward, in eval mode without gradients, rewrites the weight into another layout and rounds its
+    scales (absmax) to bfloat16 in place: the base would change under the adapter (another function,
+    other bytes than its fingerprint). FRoD's layers compute through the generic path instead, the one
+    training uses. GPUs are not affected."""
+    if _is_4bit(base) and getattr(base, "support_avx512bf16_for_cpu", False):
+        base.support_avx512bf16_for_cpu = False
+
+
 def dense_weight(base: nn.Module) -> torch.Tensor:
     """W (o, n) as floating-point values (no copy for float bases; dequantized for 4-bit ones)."""
     if is_bnb_layer(base) and not _is_4bit(base):
         check_wrappable(base)  # raises: an 8-bit layer's weight cannot stand for its function
     if _is_4bit(base):
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
+        return dequantize(base.weight)
     if type(base) is nn.Linear:
         return base.weight
     return base.weight.t()  # Conv1D stores Wᵀ
 
 
-def stored_tensors(base: nn.Module) -> list[torch.Tensor]:
+def dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """W (o, n) of a bitsandbytes ``Params4bit``, in its quantization state's dtype."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+
+
+def requantize(weight: torch.Tensor, values: torch.Tensor, module: nn.Module) -> nn.Parameter:
+    """A new ``Params4bit`` holding ``values`` (o, n) quantized as ``weight`` is (type, block size, double
+    quantization, storage); ``weight`` itself is left as it was."""
+    import bitsandbytes as bnb
+
+    state = weight.quant_state
+    packed, new_state = bnb.functional.quantize_4bit(
+        values.to(state.dtype).contiguous(), blocksize=state.blocksize, compress_statistics=state.nested,
+        quant_type=state.quant_type, quant_storage=weight.quant_storage,
+    )
+    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=new_state, blocksize=state.blocksize,
+                             compress_statistics=state.nested, quant_type=state.quant_type,
+                             quant_storage=weight.quant_storage, module=module, bnb_quantized=True)
+
+
+def stored_tensors(base: nn.Module, weight: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The tensors that define the base's weight as stored: the weight, and for a 4-bit base its
-    packed bytes and quantization state (absmax, code and, with double quantization, theirs)."""
+    packed bytes and quantization state (absmax, code and, with double quantization, theirs).
+    ``weight``: a 4-bit weight to describe instead of the base's own (one kept aside by a merge)."""
     if not _is_4bit(base):
         return [dense_weight(base)]
-    state = base.weight.quant_state
-    found = [base.weight.data, state.absmax, state.code]
+    weight = base.weight if weight is None else weight
+    state = weight.quant_state
+    found = [weight.data, state.absmax, state.code]
     nested = getattr(state, "state2", None)
     if nested is not None:
         found += [nested.absmax, nested.code, torch.as_tensor(float(state.offset))]

@@ -21,7 +21,15 @@ import math
 import torch
 from torch import nn
 
-from .base_layers import check_wrappable, dense_weight, quantization, stored_tensors
+from .base_layers import (
+    check_wrappable,
+    dense_weight,
+    dequantize,
+    keep_layout,
+    quantization,
+    requantize,
+    stored_tensors,
+)
 from .functional import frod_input_transform
 from .layer import MERGED, FRoDBasis, FRoDLayer
 from .layer_checkpoint import MERGED_MARKER, frod_entries_of_merged
@@ -57,7 +65,8 @@ class FRoDInputLinear(FRoDLayer):
     State dict: the base's entries under ``base_layer.`` (PEFT's habit), δ and s. Plain checkpoints
     of the architecture (``weight``/``bias`` at the layer's name) and merged FRoD checkpoints load
     too (``export``). Merging writes W' into a float base's weight; a quantized base cannot hold W'
-    without rounding the update away, so ``merge`` refuses it and the exports (``unload_frod``,
+    without rounding the update away, so ``merge`` refuses it unless asked to requantize
+    (``lossy=True``, which reports what it lost), and the exports (``unload_frod``,
     ``merged_state_dict``, ``save_pretrained``) write float W' instead.
     """
 
@@ -80,6 +89,7 @@ class FRoDInputLinear(FRoDLayer):
         self.merged, self.last_path, self.exact = False, None, False
         self._unmerged_weight: torch.Tensor | None = None
         self._values_lost = False
+        keep_layout(base)
         self.base_layer = base
         V = basis.V
         self.register_buffer("lam", lam.detach().to(device=V.device, dtype=V.dtype), persistent=False)
@@ -99,16 +109,20 @@ class FRoDInputLinear(FRoDLayer):
     @property
     def base_weight(self) -> torch.Tensor:
         """W (o, n) as floating-point values (dequantized for a quantized base), whether merged or not."""
-        if self.merged:
-            w = self._unmerged_weight
-            return w if self.base_class is nn.Linear else w.t()
-        return dense_weight(self.base_layer)
+        if not self.merged:
+            return dense_weight(self.base_layer)
+        w = self._unmerged_weight
+        if self.quantization is not None:
+            return dequantize(w)
+        return w if self.base_class is nn.Linear else w.t()
 
     def fingerprint_tensors(self) -> list[torch.Tensor]:
-        """The base as stored (a quantized base: its packed bytes and quantization state)."""
-        if self.merged:
-            return [self.base_weight]
-        return stored_tensors(self.base_layer)
+        """The base as stored (a quantized base: its packed bytes and quantization state), merged or not."""
+        if not self.merged:
+            return stored_tensors(self.base_layer)
+        if self.quantization is not None:
+            return stored_tensors(self.base_layer, self._unmerged_weight)
+        return [self.base_weight]
 
     @property
     def disabled(self) -> int:
@@ -173,33 +187,51 @@ class FRoDInputLinear(FRoDLayer):
     # -- merge ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def merge(self, safe: bool = True) -> None:
-        """Write W' into a float base's weight; ``unmerge()`` restores the original bit for bit.
+    def merge(self, safe: bool = True, lossy: bool = False) -> float | None:
+        """Write W' into the base's weight; ``unmerge()`` restores the original bit for bit.
 
-        Refused (ValueError, nothing changes) for a quantized base, and with ``safe`` for a non-finite W'.
+        A float base takes W' as it is (returns None). A quantized base cannot hold W' exactly: merging is
+        refused (ValueError, nothing changes) unless ``lossy``, which requantizes W' in the base's own
+        format (dequantize → add → requantize, as PEFT merges LoRA into a bitsandbytes layer) and returns
+        the error that made, ‖Q(W') − W'‖_F / ‖ΔW‖_F: the share of the update lost (often above 1, since
+        a 4-bit step is larger than most of ΔW's entries; the float exports keep all of it). With
+        ``safe`` a non-finite W' is refused.
         """
         if self.merged:
-            return
-        if self.quantization is not None:
+            return None
+        if self.quantization is not None and not lossy:
             raise ValueError(
                 f"merge refused: the base is quantized ({self.quantization}) and cannot hold W' without rounding "
-                f"the update away. Export float weights instead: unload_frod(model, merge=True), "
-                f"merged_state_dict(model) or model.save_pretrained(dir)"
+                f"the update away. Export float weights instead (unload_frod(model, merge=True), "
+                f"merged_state_dict(model) or model.save_pretrained(dir)), or requantize with merge(lossy=True), "
+                f"which reports what it lost"
             )
         w_eff = self.effective_weight()
         if safe and not bool(torch.isfinite(w_eff).all()):
             raise ValueError("merge refused: the merged weight would hold NaN or Inf (check delta and sparse_values)")
-        weight = self.base_layer.weight
-        self._unmerged_weight = weight.data
-        weight.data = w_eff if self.base_class is nn.Linear else w_eff.t().contiguous()
+        weight, error = self.base_layer.weight, None
+        if self.quantization is None:
+            self._unmerged_weight = weight.data
+            weight.data = w_eff if self.base_class is nn.Linear else w_eff.t().contiguous()
+        else:
+            requantized = requantize(weight, w_eff, self.base_layer)
+            update = (w_eff.double() - dense_weight(self.base_layer).double()).norm()
+            error = float((dequantize(requantized).double() - w_eff.double()).norm() / update.clamp_min(1e-300))
+            self._unmerged_weight = weight  # the Params4bit itself, put back by unmerge
+            self.base_layer.weight = requantized
         self.merged = True
+        return error
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo ``merge``: the original weight object's data comes back untouched."""
+        """Undo ``merge``: the original weight (its object, or a quantized base's own ``Params4bit``) comes back
+        untouched."""
         if not self.merged:
             return
-        self.base_layer.weight.data = self._unmerged_weight
+        if self.quantization is None:
+            self.base_layer.weight.data = self._unmerged_weight
+        else:
+            self.base_layer.weight = self._unmerged_weight
         self._unmerged_weight = None
         self.merged = False
 
@@ -256,7 +288,7 @@ class FRoDInputLinear(FRoDLayer):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if merged:
-            self.merge()
+            self.merge(lossy=True)  # a quantized base was merged lossily, a float one exactly: as before
 
     def _take_quantization_state(self, state_dict, base_prefix: str, error_msgs: list[str]) -> None:
         """Remove a quantized base's quantization-state entries (``weight.absmax``, …: bitsandbytes writes them but

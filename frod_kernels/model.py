@@ -395,18 +395,27 @@ def _missing_layers_message(cat: str, missing: list[str], names: list[str]) -> s
     return head
 
 
-def merge_frod(model: nn.Module, safe: bool = True) -> None:
-    """Merge every FRoD layer (see ``FRoDLinear.merge``); if one refuses, none stays merged."""
-    done = []
+def merge_frod(model: nn.Module, safe: bool = True, lossy: bool = False) -> dict[str, float]:
+    """Merge every FRoD layer (see ``FRoDLinear.merge``); if one refuses, none stays merged.
+
+    Layers on a quantized base merge only with ``lossy`` (``FRoDInputLinear.merge``: requantized W');
+    returns, for each of those, the share of its update the requantization lost."""
+    done, lost = [], {}
     try:
-        for layer in frod_layers(model).values():
+        for name, layer in frod_layers(model).items():
             if not layer.merged:
-                layer.merge(safe=safe)
+                if getattr(layer, "quantization", None):
+                    lost[name] = layer.merge(safe=safe, lossy=lossy)
+                else:
+                    layer.merge(safe=safe)
                 done.append(layer)
     except Exception:
         for layer in done:
             layer.unmerge()
         raise
+    if lost:
+        logger.info("merge_frod: %d quantized layers requantized, update lost: max %.3g", len(lost), max(lost.values()))
+    return lost
 
 
 def unmerge_frod(model: nn.Module) -> None:

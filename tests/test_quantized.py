@@ -137,7 +137,7 @@ def test_save_pretrained_writes_a_float_checkpoint_and_resumes_exactly(llama_dir
     assert model.hf_quantizer is not None and "quantization_config" in model.config.to_dict()  # unchanged
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     assert type(plain.model.layers[0].self_attn.q_proj) is torch.nn.Linear
-    assert float((plain(ids).logits - want).abs().max()) < 1e-5
+    assert float((plain(ids).logits - want).abs().max().detach()) < 1e-5
     from safetensors.torch import load_file
 
     resumed = _load(llama_dir)
@@ -219,3 +219,49 @@ def test_readme_quantized_recipe_runs(llama_dir, tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(plain.model.layers[0].mlp.down_proj) is torch.nn.Linear
+
+
+def test_lossy_merge_requantizes_reports_and_unmerges_exactly(llama_dir, tmp_path):
+    model = _trained(llama_dir, scale=0.3)
+    packed = _packed(model)
+    ids = _ids()
+    want = model(ids).logits.detach()
+    base_logits = _load(llama_dir)(ids).logits.detach()
+    lost = fk.merge_frod(model, lossy=True)
+    assert set(lost) == set(fk.frod_layers(model)) and all(0 < e < 1 for e in lost.values())
+    merged = model(ids).logits.detach()
+    # Requantized: closer to the trained function than the base is, but not equal to it.
+    assert 0 < float((merged - want).abs().max()) < float((base_logits - want).abs().max())
+    fk.save_frod(model, tmp_path / "merged.safetensors")  # the adapter names the original base
+    assert torch.equal(fk.load_frod(_load(llama_dir), tmp_path / "merged.safetensors")(ids).logits, want)
+    fk.unmerge_frod(model)
+    assert torch.equal(model(ids).logits, want)
+    assert all(torch.equal(p, packed[n]) for n, p in _packed(model).items())
+
+
+def test_inference_without_grad_keeps_the_base_as_stored(llama_dir):
+    """bitsandbytes repacks a 4-bit layer for CPU inference (no_grad, eval, AVX512-BF16), rounding its scales
+    to bfloat16 in place: FRoD's layers keep it from doing so, so inference neither changes the function
+    nor the bytes the adapter's fingerprint covers."""
+    model = _trained(llama_dir)
+    ids = _ids()
+    want = model(ids).logits.detach()
+    packed = _packed(model)
+    with torch.no_grad():
+        first = model(ids).logits
+        second = model(ids).logits
+    # Without gradients the transform folds M into V (docs/design.md §5.2): the same function, other rounding.
+    assert torch.equal(first, second) and float((first - want).abs().max()) < 1e-5
+    assert all(torch.equal(p, packed[n]) for n, p in _packed(model).items())
+
+
+def test_a_base_repacked_for_cpu_inference_is_refused(llama_dir):
+    model = _load(llama_dir)
+    layer = model.model.layers[0].self_attn.q_proj
+    if not getattr(layer, "support_avx512bf16_for_cpu", False):
+        pytest.skip("bitsandbytes repacks 4-bit layers only on CPUs with AVX512-BF16")
+    with torch.no_grad():
+        layer(torch.randn(2, 64))  # 64 = a multiple of the block size: bitsandbytes repacks it
+    with pytest.raises(ValueError, match="repacked this Linear4bit for CPU inference"):
+        fk.apply_frod(model, ["q_proj"], mode="input")
+    assert not fk.frod_layers(model)
