@@ -328,3 +328,35 @@ def test_equal_to_additive_within_the_criterion_on_minilm_weights():
         row = measure(cats[name])
         assert all(ratio <= 1.0 for ratio in row["worst_error_over_criterion"].values()), (name, row)
         assert row["disabled_fp32"] == 0 and row["condition"] < 100
+
+
+@pytest.mark.parametrize("path,compiler", [("token", "aot_eager"), ("weight", "aot_eager")])
+def test_compile_fullgraph_input_layer(path, compiler):
+    torch._dynamo.reset()
+    wrapped, _ = _pair(10, 12)
+    wrapped.to(torch.float32).path = path
+    model = nn.Sequential(nn.Linear(8, 12), nn.GELU(), wrapped)
+    x = torch.randn(3, 5, 8)
+    eager_y = model(x)
+    eager_y.square().sum().backward()
+    eager_grads = [wrapped.delta.grad.clone(), wrapped.sparse_values.grad.clone(), model[0].weight.grad.clone()]
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    y = compiled(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(y, eager_y)
+    for got, want in zip((wrapped.delta.grad, wrapped.sparse_values.grad, model[0].weight.grad), eager_grads,
+                         strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_opcheck_with_the_input_forms_operands():
+    from frod_kernels import ops
+
+    _, jb, basis = _category(9, 9)
+    x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    diag = (torch.randn(9, dtype=torch.float64) / jb.lam[0]).requires_grad_()
+    values = torch.randn(basis.k, dtype=torch.float64, requires_grad=True)
+    for path in ("token", "weight"):
+        args = (x, None, None, basis.V_inv.mT, basis.V, diag, values, *basis.pattern, None, path, "torch", True)
+        torch.library.opcheck(ops.frod_linear_forward, args)
