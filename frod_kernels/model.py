@@ -152,19 +152,37 @@ def _category_modes(groups: dict[str, list[Target]], config: FRoDConfig) -> dict
     modes = {}
     for cat, members in groups.items():
         aliases = members[0].aliases
-        mode = next((m for key, m in config.mode_pattern.items()
-                     if any(matcher([key])(a) or re.fullmatch(key, a) for a in aliases)), config.mode)
+        mode = next((m for key, m in config.mode_pattern.items() if any(_pattern_matches(key, a) for a in aliases)),
+                    config.mode)
         for t in members:
             if mode == "input":
                 check_wrappable(t.module, t.name)
             elif is_bnb_layer(t.module):
                 raise ValueError(
                     f"target {t.name!r} is a quantized {type(t.module).__name__}: only mode='input' keeps a quantized "
-                    f"base (it wraps the layer as it is); use mode='input', or mode_pattern={{{cat.split('.')[-1]!r}: "
-                    f"'input'}} for this category"
+                    f"base (it wraps the layer as it is); use mode='input', or "
+                    f"mode_pattern={{{pattern_key(members)!r}: 'input'}} for this category"
                 )
         modes[cat] = mode
     return modes
+
+
+def _pattern_matches(key: str, name: str) -> bool:
+    """A ``mode_pattern`` key matches a module name as a suffix (``target_modules``' rule) or as a regex."""
+    if matcher([key])(name):
+        return True
+    try:
+        return re.fullmatch(key, name) is not None
+    except re.error:
+        return False
+
+
+def pattern_key(members: list[Target]) -> str:
+    """The ``mode_pattern`` key to suggest for a category: its first layer's last name component, or the
+    whole name where that component is an index (a top-level ``Sequential``)."""
+    name = members[0].name
+    last = name.rsplit(".", 1)[-1]
+    return name if last.isdigit() else last
 
 
 def _fingerprint_tensors(members: list[Target]) -> list[torch.Tensor]:
@@ -292,7 +310,7 @@ def apply_frod(
 
 def _warn_disabled_directions(summary: FRoDSummary, groups: dict[str, list[Target]]) -> None:
     """Say loudly where the input form's λ guard turned directions off (``input_layer``)."""
-    for cat in groups:
+    for cat, members in groups.items():
         disabled = summary.categories[cat].get("disabled", 0)
         if disabled:
             c = summary.categories[cat]
@@ -301,7 +319,7 @@ def _warn_disabled_directions(summary: FRoDSummary, groups: dict[str, list[Targe
                 f"{c['out_features']}x{c['in_features']}) in mode 'input' has {disabled} direction(s) with λ too small "
                 f"for the input form (cond(V) "
                 f"{c['condition']:.1e}); δ and s do nothing there. Additive or factored mode keeps them: "
-                f"mode_pattern={{{cat.split('.')[-1]!r}: 'additive'}}",
+                f"mode_pattern={{{pattern_key(members)!r}: 'additive'}}",
                 FRoDCategoryWarning, stacklevel=3,
             )
 

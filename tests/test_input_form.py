@@ -145,8 +145,14 @@ def test_bf16_error_is_that_of_the_other_bf16_paths():
 def test_lambda_guard_disables_tiny_directions_and_apply_frod_warns():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 32))
-    with pytest.warns(fk.FRoDCategoryWarning, match="too small for the input form"):
+    suggestion = r"too small for the input form .* mode_pattern=\{'0': 'additive'\}"
+    with pytest.warns(fk.FRoDCategoryWarning, match=suggestion):
         summary = fk.apply_frod(model, ["0"], mode="input")
+    other = nn.Sequential(nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the suggested key keeps the category additive: no warning
+        fk.apply_frod(other, ["0"], mode="input", mode_pattern={"*": "input", "0": "additive"})  # '*': no regex
+    assert other[0].mode == "additive"
     layer = model[0]
     assert layer.disabled == 32 - 8  # o < n: n − o directions have λ ≈ 0
     (cat,) = summary.categories.values()
