@@ -137,6 +137,14 @@ class FRoDInputLinear(FRoDLayer):
     def base_is_original(self) -> bool:
         return not self._values_lost
 
+    @torch.no_grad()
+    def rebuild_basis(self, U: torch.Tensor | None, lam: torch.Tensor) -> None:
+        """Install λ recomputed from the base (``load_frod`` after ``to_empty``; the caller sets the category's V
+        and V⁻¹). U is not kept in the input form."""
+        self.lam = lam.detach().to(device=self.lam.device, dtype=self.lam.dtype)
+        self.lam_pinv = _guarded_pinv(self.lam)
+        self._values_lost = False
+
     def require_basis(self) -> None:
         if self._values_lost:
             raise RuntimeError(

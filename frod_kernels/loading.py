@@ -23,7 +23,7 @@ from torch import nn
 from .adapter import describe_categories, load_frod_state_dict, pattern_hash, read_adapter
 from .decomposition import ALGORITHM_VERSION, joint_decompose
 from .fingerprint import compare_fingerprints, dtype_name
-from .layer import MODES, FRoDBasis, FRoDLinear
+from .layer import MODES, FRoDBasis, FRoDLayer
 from .model import CategorySpec, apply_categories, other_base
 from .options import check_choice
 from .pattern import sample_sparse_pattern
@@ -56,7 +56,7 @@ def _check_rebuildable(path: Path, name: str, cat: dict) -> None:
         )
 
 
-def _lost_bases(model: nn.Module) -> dict[str, tuple[FRoDBasis, list[FRoDLinear]]]:
+def _lost_bases(model: nn.Module) -> dict[str, tuple[FRoDBasis, list[FRoDLayer]]]:
     """The categories whose basis holds no values (after to('meta')/to_empty())."""
     layers = frod_layers(model)
     return {
@@ -66,32 +66,36 @@ def _lost_bases(model: nn.Module) -> dict[str, tuple[FRoDBasis, list[FRoDLinear]
     }
 
 
-def _rebuild_plan(path: Path, lost: dict[str, tuple[FRoDBasis, list[FRoDLinear]]], cats: dict[str, dict]):
+def _rebuild_plan(path: Path, lost: dict[str, tuple[FRoDBasis, list[FRoDLayer]]], cats: dict[str, dict]):
     """Decompose each lost category from its current weights, after checking they are the weights FRoD
     was applied to and the adapter's base; returns what ``_install`` puts in place (nothing changes here)."""
     plan = []
     for name, (basis, layers) in lost.items():
-        if basis.source != "joint_decompose" or layers[0].mode != "additive":
+        if basis.source != "joint_decompose" or layers[0].mode == "factored":
             raise ValueError(
                 f"category {name!r}: its basis was lost to to('meta')/to_empty() and cannot be rebuilt from the "
                 f"weights ({'a given basis' if basis.source != 'joint_decompose' else 'factored mode keeps no W'}); "
                 f"apply FRoD to the loaded base model again, then load the adapter"
             )
-        weights = [layer.base_weight for layer in layers]
-        for reason in (compare_fingerprints(weights, basis.fingerprints),
-                       compare_fingerprints(weights, cats[name]["fingerprints"]) if name in cats else None):
+        stored = [t for layer in layers for t in layer.fingerprint_tensors()]
+        for reason in (compare_fingerprints(stored, basis.fingerprints),
+                       compare_fingerprints(stored, cats[name]["fingerprints"]) if name in cats else None):
             if reason is not None:
                 raise ValueError(
                     f"category {name!r}: its basis was lost to to('meta')/to_empty() and cannot be rebuilt: {reason} "
                     f"(load the base weights into the model before load_frod)"
                 )
-        plan.append((basis, layers, joint_decompose(weights, reg=basis.reg, name=name)))
+        weights = [layer.base_weight for layer in layers]
+        plan.append((basis, layers, joint_decompose(weights, reg=basis.reg, name=name,
+                                                    inverse=layers[0].mode == "input")))
     return plan
 
 
 def _install(plan) -> None:
     for basis, layers, jb in plan:
         basis.set_V(jb.V)
+        if jb.V_inv is not None:  # the input form's
+            basis.V_inv = jb.V_inv.to(basis.V_inv).contiguous()
         for layer, U, lam in zip(layers, jb.U, jb.lam, strict=True):
             layer.rebuild_basis(U, lam)
 

@@ -366,3 +366,20 @@ def test_opcheck_with_the_input_forms_operands():
     for path in ("token", "weight"):
         args = (x, None, None, basis.V_inv.mT, basis.V, diag, values, *basis.pattern, None, path, "torch", True)
         torch.library.opcheck(ops.frod_linear_forward, args)
+
+
+def test_to_empty_then_load_frod_rebuilds_the_basis(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    fk.apply_frod(model, r"[24]", mode="input")
+    randomise_frod(model, 0.1)
+    x = torch.randn(5, 12)
+    trained = model(x)
+    fk.save_frod(model, tmp_path / "a.safetensors")
+    model.to_empty(device="cpu")
+    with pytest.raises(RuntimeError, match="holds no values"):
+        model(x)
+    model.load_state_dict(base, strict=False)  # the base checkpoint, at the architecture's names
+    fk.load_frod(model, tmp_path / "a.safetensors")
+    assert torch.equal(model(x), trained)
