@@ -13,12 +13,13 @@ modules), ``model`` (``apply_frod`` and friends), ``summary`` (what it reports),
 """
 
 from .adapter import frod_state_dict, load_frod_state_dict, save_frod
+from .basis import FRoDBasis
 from .config import FRoDConfig
 from .decomposition import JointBasis, joint_decompose
 from .export import merged_state_dict, save_pretrained
 from .functional import frod_input_transform, frod_linear
 from .input_layer import FRoDInputLinear
-from .layer import FRoDBasis, FRoDLayer, FRoDLinear
+from .layer import FRoDLayer, FRoDLinear
 from .loading import load_frod
 from .model import (
     FRoDBaseMismatchWarning,

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .basis import FRoDBasis
 from .config import FRoDConfig
 from .fingerprint import dtype_name, weight_fingerprint
-from .layer import FRoDBasis, FRoDLinear
+from .layer import FRoDLinear
 from .targets import frod_categories, frod_layers, frod_param_ids
 
 __all__ = [

@@ -2,9 +2,8 @@
 
 Trainable: ``delta`` δ (n) and ``sparse_values`` s (k), both zero at initialisation, so the layer
 computes exactly what the base layer computes. Frozen: the base ``weight`` (and ``bias`` unless the
-user unfreezes it), the per-layer buffers ``U`` (o, n) and ``lam`` (n), and the per-category
-``FRoDBasis`` (V and the sparse pattern), which is one module object shared by every layer of
-the category: ``model.to()``, ``named_buffers()`` and DDP see V once, not once per layer.
+user unfreezes it), the per-layer buffers ``U`` (o, n) and ``lam`` (n), and the category's
+``FRoDBasis`` (V and the sparse pattern, shared by its layers: ``basis.py``).
 
 Derived tensors (U, λ, V, the pattern) are non-persistent buffers: they are recomputed from the
 base weights (bit-identically on the same machine), so neither ``state_dict()`` nor an adapter
@@ -13,9 +12,8 @@ file carries them.
 Modes (docs/design.md §6): ``additive`` keeps W and adds U·M·Vᵀ; ``factored`` drops W and computes with
 U·(diag(λ+δ) + S)·Vᵀ, halving the frozen memory at the cost of the decomposition's rounding. δ means
 the same in both modes (λ' = λ + δ), so an adapter trained in one mode loads into the other. An
-unmerged factored layer stores no weight; its ``weight`` attribute is a ``FactoredWeight`` that
-answers ``shape``/``dtype``/``device`` (code written for ``nn.Linear`` reads those) and refuses to
-be used as a tensor.
+unmerged factored layer stores no weight; its ``weight`` attribute is a ``FactoredWeight``
+(``factored_weight.py``).
 """
 
 from __future__ import annotations
@@ -23,128 +21,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .basis import FRoDBasis
 from .config import MODES
-from .decomposition import ALGORITHM_VERSION, joint_decompose, validate_reg
+from .decomposition import joint_decompose, validate_reg
 from .dispatch import BACKENDS, PATHS
-from .fingerprint import dtype_name, weight_fingerprint
+from .factored_weight import FactoredWeight
+from .fingerprint import weight_fingerprint
 from .functional import compute_dtype, frod_linear, frod_linear_reusing
 from .layer_checkpoint import MERGED_MARKER, frod_entries_of_merged
 from .layer_state import BaseProvenance, BasisGate, WeightCache, basis_path_error, converts_to_empty, state_key
 from .options import check_choice
-from .pattern import SparsePattern, sample_sparse_pattern, validate_sparse_rate
+from .pattern import sample_sparse_pattern, validate_sparse_rate
 from .reference import rotation_matrix
 
-__all__ = ["CACHED_WEIGHT", "MERGED", "MERGED_MARKER", "REUSED_WEIGHT", "FRoDBasis", "FRoDLayer", "FRoDLinear",
-           "FactoredWeight"]
-
-
-
-class FRoDBasis(nn.Module):
-    """What a category shares: V (n, n, kept column-major for the SDDMM) and the pattern Ω."""
-
-    def __init__(
-        self, V: torch.Tensor, sparse_indices: torch.Tensor, sparse_rate: float, seed: int, reg: float,
-        name: str = "", *, base_seed: int | None = None, source: str = "given", fingerprint: str | None = None,
-        max_error: float = 0.0, jitter: float = 0.0, fingerprint_dtype: torch.dtype | None = None,
-        V_inv: torch.Tensor | None = None,
-    ) -> None:
-        """Args beyond V and Ω record where the basis came from, for adapters and summaries:
-
-        seed: the pattern's own seed; base_seed: the seed given to ``apply_frod`` it was derived
-        from (None for a layer built on its own); reg: α of the decomposition; source:
-        ``"joint_decompose"`` when V is a function of the category's base weights (rebuilt on
-        load), ``"given"`` when the caller supplied it; fingerprint: of the base weights V was
-        computed from (``fingerprint.weight_fingerprint``) and fingerprint_dtype, their dtype then
-        (default: V's), kept in ``fingerprints``; max_error, jitter: the decomposition's; V_inv: V⁻¹
-        (row-major), which the input form needs (``FRoDInputLinear``), None otherwise.
-        """
-        super().__init__()
-        n = V.shape[0]
-        pattern = SparsePattern.from_indices(sparse_indices.to(V.device), n)
-        self.register_buffer("V", V.detach().t().contiguous().t(), persistent=False)
-        self.register_buffer("V_inv", None if V_inv is None else V_inv.detach().to(V).contiguous(), persistent=False)
-        for field, tensor in zip(SparsePattern._fields, pattern, strict=True):
-            self.register_buffer(field, tensor, persistent=False)
-        self.sparse_rate, self.seed, self.reg, self.name = sparse_rate, seed, reg, name
-        self.base_seed, self.source, self.fingerprint = base_seed, source, fingerprint
-        self.algorithm = ALGORITHM_VERSION if source == "joint_decompose" else None
-        self.max_error, self.jitter = max_error, jitter
-        # Ω on the host, outside the module's tensors: the device buffers are rebuilt from it after
-        # every conversion, so no conversion (``to_empty`` above all) can leave the sparse kernels
-        # an uninitialised pattern to read.
-        self._host_indices = pattern.indices.detach().cpu().clone()
-        # {dtype name: fingerprint} of the base the basis was computed from; more dtypes may be added
-        # (a factored layer keeps no W, so its category records the casts a user may load when built).
-        dtype = V.dtype if fingerprint_dtype is None else fingerprint_dtype
-        self.fingerprints: dict[str, str] = {} if fingerprint is None else {dtype_name(dtype): fingerprint}
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        pattern = SparsePattern.from_indices(self._host_indices, self.n)
-        for field, tensor in zip(SparsePattern._fields, pattern, strict=True):
-            setattr(self, field, tensor.to(self.V.device))
-        return self
-
-    def set_V(self, V: torch.Tensor) -> None:
-        """Install a recomputed V (same shape), column-major like the original."""
-        self.V = V.detach().to(device=self.V.device, dtype=self.V.dtype).t().contiguous().t()
-
-    @property
-    def pattern(self) -> SparsePattern:
-        return SparsePattern(self.indices, self.csr_ptr, self.csc_ptr, self.csc_perm)
-
-    @property
-    def n(self) -> int:
-        return self.V.shape[0]
-
-    @property
-    def k(self) -> int:
-        return self.indices.shape[1]
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, n={self.n}, k={self.k}, sparse_rate={self.sparse_rate}, seed={self.seed}"
-
-
-class FactoredWeight:
-    """Stands in for ``weight`` of an unmerged factored layer: metadata of the (o, n) weight, no data.
-
-    ``shape``, ``size()``, ``dim()``, ``dtype``, ``device`` and ``requires_grad`` answer as the base
-    weight would; passing it to a torch function raises a TypeError (there are no values to read:
-    use ``FRoDLinear.effective_weight()``, or ``merge()`` to materialise W').
-    """
-
-    requires_grad = False
-    ndim = 2
-
-    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> None:
-        self.shape, self.dtype, self.device = torch.Size(shape), dtype, device
-
-    def size(self, dim: int | None = None) -> torch.Size | int:
-        return self.shape if dim is None else self.shape[dim]
-
-    def dim(self) -> int:
-        return self.ndim
-
-    def __getattr__(self, name: str):
-        # Tensor attributes (``.T``, ``.data``, ``.float()``, …) would need values: the same
-        # TypeError as a torch function. Anything else is a plain missing attribute, so that
-        # ``getattr(w, "quant_state", None)`` and ``hasattr`` keep working.
-        if not name.startswith("__") and hasattr(torch.Tensor, name):
-            raise TypeError(
-                f"FactoredWeight.{name}: a factored FRoDLinear stores no weight tensor; use "
-                f"effective_weight() for W' or merge() to materialise it"
-            )
-        raise AttributeError(f"'FactoredWeight' object has no attribute {name!r}")
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        raise TypeError(
-            f"{getattr(func, '__name__', func)}: a factored FRoDLinear stores no weight tensor; use "
-            f"effective_weight() for W' or merge() to materialise it"
-        )
-
-    def __repr__(self) -> str:
-        return f"FactoredWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+__all__ = ["CACHED_WEIGHT", "MERGED", "MERGED_MARKER", "REUSED_WEIGHT", "FRoDLayer", "FRoDLinear"]
 
 
 # How a call was computed (``FRoDLinear.last_path``), beside the dispatcher's 'token', 'weight', 'basis'.

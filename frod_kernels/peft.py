@@ -71,10 +71,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .basis import FRoDBasis
 from .config import MODES
 from .fingerprint import weight_fingerprint
 from .functional import frod_linear
-from .layer import FRoDBasis, FRoDLinear
+from .layer import FRoDLinear
 from .options import check_choice
 from .pattern import SparsePattern
 from .targets import replace_module

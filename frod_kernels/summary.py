@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layer import FRoDBasis, FRoDLayer
+from .basis import FRoDBasis
+from .layer import FRoDLayer
 from .targets import frod_categories, frod_layers
 
 __all__ = ["FRoDSummary", "print_trainable_parameters", "progress_bar", "report_category", "summarize",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import frod_kernels as fk
-from frod_kernels.layer import FactoredWeight
+from frod_kernels.factored_weight import FactoredWeight
 from frod_kernels.reference import frod_linear_reference
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 import frod_kernels as fk
 from frod_kernels import decomposition
-from frod_kernels.layer import FactoredWeight
+from frod_kernels.factored_weight import FactoredWeight
 
 from _problems import make_problem, randomise_frod
 
