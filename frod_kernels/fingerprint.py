@@ -111,9 +111,10 @@ def compare_fingerprints(weights: Sequence[torch.Tensor], recorded: dict[str, st
                 return None
             return (f"the model's base weights ({own}) rounded to {dtype_name(narrower)} differ from the "
                     f"{dtype_name(narrower)} weights the adapter was trained on")
-    if "uint8" in recorded or own == "uint8":  # a quantized base is fingerprinted as stored: its packed bytes
-        have = "quantized (4-bit)" if own == "uint8" else own
-        trained = "quantized (4-bit)" if "uint8" in recorded else ", ".join(sorted(recorded))
+    packed = {"uint8": "quantized (4-bit)", "int8": "quantized (int8)"}  # quantized bases as stored: their data
+    if packed.keys() & (set(recorded) | {own}):
+        have = packed.get(own, own)
+        trained = " or ".join(packed.get(d, d) for d in sorted(recorded))
         return (f"the model's base is {have}, the adapter was trained on a {trained} base: load the base as it was "
                 f"when trained (quantized the same way, or not), or pass allow_other_base=True to load it anyway")
     return (f"the model's base weights are {own}; the adapter records its base only in "

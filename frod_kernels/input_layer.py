@@ -208,11 +208,13 @@ class FRoDInputLinear(FRoDLayer):
         if self.merged:
             return None
         if self.quantization is not None and not lossy:
+            requantizable = isinstance(self.base_layer.weight, nn.Parameter) and hasattr(self.base_layer.weight,
+                                                                                           "quant_state")
             raise ValueError(
                 f"merge refused: the base is quantized ({self.quantization}) and cannot hold W' without rounding "
                 f"the update away. Export float weights instead (unload_frod(model, merge=True), "
-                f"merged_state_dict(model) or model.save_pretrained(dir)), or requantize with merge(lossy=True), "
-                f"which reports what it lost"
+                f"merged_state_dict(model) or model.save_pretrained(dir))"
+                + (", or requantize with merge(lossy=True), which reports what it lost" if requantizable else "")
             )
         w_eff = self.effective_weight()
         if safe and not bool(torch.isfinite(w_eff).all()):

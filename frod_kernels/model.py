@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base_layers import check_wrappable, is_bnb_layer, stored_tensors
+from .base_layers import check_wrappable, is_bnb_layer, is_quantized, stored_tensors
 from .config import FRoDConfig
 from .decomposition import check_weights, condition_number, joint_decompose
 from .export import install_checkpoint_guard, remove_checkpoint_guard
@@ -157,7 +157,7 @@ def _category_modes(groups: dict[str, list[Target]], config: FRoDConfig) -> dict
         for t in members:
             if mode == "input":
                 check_wrappable(t.module, t.name)
-            elif is_bnb_layer(t.module):
+            elif is_bnb_layer(t.module) or is_quantized(t.module):
                 raise ValueError(
                     f"target {t.name!r} is a quantized {type(t.module).__name__}: only mode='input' keeps a quantized "
                     f"base (it wraps the layer as it is); use mode='input', or "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base_layers import conv1d_class, dense_weight, is_bnb_layer
+from .base_layers import conv1d_class, dense_weight, is_bnb_layer, is_quantized
 from .layer import FRoDBasis, FRoDLayer
 
 __all__ = [
@@ -37,10 +37,11 @@ def matcher(target_modules: str | Sequence[str]) -> Callable[[str], bool]:
 
 def as_linear(module: nn.Module) -> nn.Linear:
     """``module`` itself if it is an nn.Linear; for a Conv1D, an nn.Linear whose weight is Wcᵀ (a view);
-    for a bitsandbytes layer, one whose weight is the dequantized W (a copy, for checks and shapes)."""
-    if type(module) is nn.Linear:
+    for a quantized layer, one whose weight is the dequantized W (a copy, for checks and shapes)."""
+    quantized = is_bnb_layer(module) or is_quantized(module)
+    if type(module) is nn.Linear and not quantized:
         return module
-    weight = dense_weight(module) if is_bnb_layer(module) else module.weight.t()
+    weight = dense_weight(module) if quantized else module.weight.t()
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
     linear.weight = nn.Parameter(weight.detach(), requires_grad=module.weight.requires_grad)
     linear.bias = module.bias
