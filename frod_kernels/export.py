@@ -118,14 +118,16 @@ def frod_checkpoint_state_dict(model: nn.Module,
     return _merged(model, state_dict, resumable=True)
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, **kwargs) -> None:
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                    **kwargs) -> None:
     """``model.save_pretrained(directory, **kwargs)`` with merged weights only: a plain transformers
-    checkpoint of the architecture without FRoD (nothing FRoD-specific in it). The model is unchanged."""
+    checkpoint of the architecture without FRoD (nothing FRoD-specific in it). The model is unchanged.
+    ``dtype``: of the FRoD layers' merged weights (``merged_state_dict``)."""
     if not callable(getattr(type(model), "save_pretrained", None)):
         raise TypeError(f"save_pretrained needs a transformers PreTrainedModel, got {type(model).__name__}")
     if "state_dict" in kwargs:
         raise TypeError("save_pretrained builds the state dict itself (merged weights); do not pass state_dict")
-    state_dict = merged_state_dict(model)
+    state_dict = merged_state_dict(model, dtype=dtype)
     with _as_float_model(model):
         type(model).save_pretrained(model, directory, state_dict=state_dict, **kwargs)
 

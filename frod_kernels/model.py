@@ -442,12 +442,14 @@ def unmerge_frod(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def unload_frod(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload_frod(model: nn.Module, merge: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
     """Give back the replaced modules' classes (``nn.Linear``/``Conv1D``) with W' if ``merge``, else W.
 
     In factored mode W is rebuilt as U·diag(λ)·Vᵀ (exact up to the decomposition's rounding). The input
     form gives back its base module itself without ``merge``; with it, a float ``nn.Linear`` for a
-    quantized base (W' dequantized: the update would not survive requantizing).
+    quantized base (W' dequantized: the update would not survive requantizing). ``dtype``: of the
+    modules given back for FRoD layers (default: W's, a quantized base's dequantized dtype); not with
+    ``merge=False`` on the input form, whose base comes back as it is.
     """
     for target in modules_with_all_names(model):
         layer = target.module
@@ -455,7 +457,8 @@ def unload_frod(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.unmerge()
             plain = layer.base_layer
         elif isinstance(layer, FRoDLayer):
-            plain = from_linear_view(layer.to_linear(merge=merge), layer.base_class)
+            linear = layer.to_linear(merge=merge)
+            plain = from_linear_view(linear if dtype is None else linear.to(dtype), layer.base_class)
         else:
             continue
         for alias in target.aliases:  # one module again wherever the FRoD layer was

@@ -265,3 +265,18 @@ def test_a_base_repacked_for_cpu_inference_is_refused(llama_dir):
     with pytest.raises(ValueError, match="repacked this Linear4bit for CPU inference"):
         fk.apply_frod(model, ["q_proj"], mode="input")
     assert not fk.frod_layers(model)
+
+
+def test_float_exports_in_a_chosen_dtype(llama_dir, tmp_path):
+    model = _trained(llama_dir)
+    state = fk.merged_state_dict(model, dtype=torch.bfloat16)
+    assert state["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    fk.save_pretrained(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert saved["model.layers.1.mlp.down_proj.weight"].dtype == torch.bfloat16
+    assert not any(".absmax" in k or "base_layer" in k for k in saved)
+    merged = model.model.layers[0].self_attn.q_proj.effective_weight()
+    fk.unload_frod(model, merge=True, dtype=torch.bfloat16)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, merged.to(torch.bfloat16))
