@@ -243,6 +243,10 @@ def frod_input_transform(
         raise TypeError("sparse_indices and sparse_values must be tensors")
     if indices.dim() != 2 or indices.shape[0] != 2 or indices.shape[1] != sparse_values.shape[-1]:
         raise ValueError(f"sparse_indices has shape {tuple(indices.shape)}, expected (2, {sparse_values.shape[-1]})")
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 0 and _autocast_dtype(x.device) is None:
+        n = x.shape[-1]  # name the input form's own operands (U below is V⁻ᵀ)
+        _check("V", V, (n, n), x.dtype, x.device)
+        _check("V_inv", V_inv, (n, n), x.dtype, x.device)
     scale = lam_pinv.to(delta.dtype)
     diag = scale * delta
     values = scale.to(sparse_values.dtype)[indices[0]] * sparse_values

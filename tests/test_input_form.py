@@ -383,3 +383,18 @@ def test_to_empty_then_load_frod_rebuilds_the_basis(tmp_path):
     model.load_state_dict(base, strict=False)  # the base checkpoint, at the architecture's names
     fk.load_frod(model, tmp_path / "a.safetensors")
     assert torch.equal(model(x), trained)
+
+
+def test_bad_input_names_the_problem():
+    wrapped, _ = _pair(6, 5)
+    with pytest.raises(TypeError, match="V has dtype torch.float64, but x has dtype torch.float32"):
+        wrapped(torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"V has shape \(5, 5\), expected \(4, 4\)"):
+        wrapped(torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        wrapped(torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs the basis's V⁻¹"):
+        linears, jb, _ = _category(6, 5)
+        FRoDInputLinear(linears[0], jb.lam[0], FRoDBasis(jb.V, sample_sparse_pattern(5, 0.1, 0), 0.1, 0, 1e-3))
+    with pytest.raises(TypeError, match="is a LayerNorm"):
+        FRoDInputLinear(nn.LayerNorm(5), jb.lam[0], _category(6, 5)[2])
