@@ -30,8 +30,9 @@ from .base_layers import (
     requantize,
     stored_tensors,
 )
+from .basis import FRoDBasis
 from .functional import frod_input_transform
-from .layer import MERGED, FRoDBasis, FRoDLayer
+from .layer import MERGED, FRoDLayer
 from .layer_checkpoint import MERGED_MARKER, frod_entries_of_merged
 from .layer_state import converts_to_empty
 from .reference import rotation_matrix
@@ -86,8 +87,6 @@ class FRoDInputLinear(FRoDLayer):
         self.backend, self.path = backend, path
         self.quantization = quantization(base)
         self.base_class: type[nn.Module] = nn.Linear if self.quantization else type(base)
-        self.merged, self.last_path, self.exact = False, None, False
-        self._unmerged_weight: torch.Tensor | None = None
         self._values_lost = False
         keep_layout(base)
         self.base_layer = base
@@ -166,13 +165,10 @@ class FRoDInputLinear(FRoDLayer):
         self.__dict__["last_path"] = INPUT
         return self.base_layer(x_tilde)
 
-    def _accumulation_dtype(self) -> torch.dtype:
-        """float64, except on accelerators with lower-precision weights (as ``FRoDLinear``)."""
-        return torch.float32 if self.lam.device.type != "cpu" and self.lam.dtype != torch.float64 else torch.float64
-
     def _rotated(self, delta: torch.Tensor, sparse_values: torch.Tensor, with_base: bool) -> torch.Tensor:
-        """W·(I + V⁻ᵀ·Λ⁺·M·Vᵀ) (``with_base``) or W·V⁻ᵀ·Λ⁺·M·Vᵀ, formed in the accumulation dtype and
-        rounded once to W's dtype (W dequantized for a quantized base)."""
+        """W·(I + V⁻ᵀ·Λ⁺·M·Vᵀ) (``with_base``) or ΔW = W·V⁻ᵀ·Λ⁺·M·Vᵀ (= U·M·Vᵀ on the directions the guard
+        keeps), formed in the accumulation dtype and rounded once to W's dtype (W dequantized for a quantized
+        base)."""
         self.require_basis()
         acc, base = self._accumulation_dtype(), self.base_weight
         basis = self.basis
@@ -180,17 +176,6 @@ class FRoDInputLinear(FRoDLayer):
         w = base.to(acc)
         w_delta = (w @ basis.V_inv.to(acc).mT) @ m @ basis.V.to(acc).mT
         return (w + w_delta if with_base else w_delta).to(base.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = W·V⁻ᵀ·Λ⁺·M·Vᵀ (o, n) = U·M·Vᵀ on the directions the guard keeps."""
-        return self._rotated(self.delta, self.sparse_values, False)
-
-    def effective_weight(self) -> torch.Tensor:
-        """W' = W + ΔW, formed as ``delta_weight`` is and rounded once."""
-        return self._rotated(self.delta, self.sparse_values, True)
-
-    def _merged_weight_of(self, delta: torch.Tensor, sparse_values: torch.Tensor) -> torch.Tensor:
-        return self._rotated(delta.to(self.lam.device), sparse_values.to(self.lam.device), True)
 
     # -- merge ----------------------------------------------------------------------------------
 
@@ -216,9 +201,7 @@ class FRoDInputLinear(FRoDLayer):
                 f"merged_state_dict(model) or model.save_pretrained(dir))"
                 + (", or requantize with merge(lossy=True), which reports what it lost" if requantizable else "")
             )
-        w_eff = self.effective_weight()
-        if safe and not bool(torch.isfinite(w_eff).all()):
-            raise ValueError("merge refused: the merged weight would hold NaN or Inf (check delta and sparse_values)")
+        w_eff = self._weight_to_merge(safe)
         weight, error = self.base_layer.weight, None
         if self.quantization is None:
             self._unmerged_weight = weight.data
@@ -245,15 +228,9 @@ class FRoDInputLinear(FRoDLayer):
         self._unmerged_weight = None
         self.merged = False
 
-    @torch.no_grad()
-    def to_linear(self, merge: bool = True) -> nn.Linear:
-        """A plain float ``nn.Linear`` with W' (``merge``) or W (dequantized for a quantized base)."""
-        w = self.effective_weight() if merge else self.base_weight.detach().clone()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        lin.weight = nn.Parameter(w, requires_grad=False)
-        if self.bias is not None:
-            lin.bias = nn.Parameter(self.bias.data.to(w.dtype), requires_grad=self.bias.requires_grad)
-        return lin
+    def _linear_weight(self, merge: bool) -> torch.Tensor:
+        """``to_linear``'s float weight: W' (``merge``) or W (dequantized for a quantized base)."""
+        return self.effective_weight() if merge else self.base_weight.detach().clone()
 
     def clear_weight_cache(self) -> None:
         """Nothing is cached in the input form (kept for ``FRoDLinear``'s interface)."""
@@ -262,8 +239,6 @@ class FRoDInputLinear(FRoDLayer):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        if self._unmerged_weight is not None:
-            self._unmerged_weight = fn(self._unmerged_weight)
         if self.lam.device.type == "meta" or converts_to_empty(fn):
             self._values_lost = True
         self.lam_pinv = _guarded_pinv(self.lam)  # τ follows the dtype
@@ -312,11 +287,6 @@ class FRoDInputLinear(FRoDLayer):
                 error_msgs.append(f"{base_prefix[:-1]}: {key[len(base_prefix):]} differs from this quantized base's: "
                                   f"a checkpoint of another quantized base cannot be loaded into it")
 
-    def extra_repr(self) -> str:
-        share = 100.0 * self.num_trainable() / (self.in_features * self.out_features)
+    def _kind_repr(self) -> str:
         base = type(self.base_layer).__name__ + (f"({self.quantization})" if self.quantization else "")
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
-            f"sparse_rate={self.sparse_rate:g}, mode=input, base={base}, disabled={self.disabled}, "
-            f"trainable={self.num_trainable()} ({share:.2f}%)" + (", merged" if self.merged else "")
-        )
+        return f"mode=input, base={base}, disabled={self.disabled}"

@@ -67,7 +67,20 @@ def _layer_basis(weight: torch.Tensor, sparse_rate: float, seed: int, reg: float
 class FRoDLayer(nn.Module):
     """What every FRoD layer is: trainable δ (n) and s (k) on a category's shared ``FRoDBasis``, with a
     ``backend`` and a ``path`` for ``frod_linear``. ``FRoDLinear`` (additive, factored) and
-    ``FRoDInputLinear`` (the input form) are its two kinds; model-level code works with either."""
+    ``FRoDInputLinear`` (the input form) are its two kinds; model-level code works with either.
+
+    A kind states its maths in ``_rotated(δ, s, with_base)`` (ΔW, or W' = W + ΔW), the weight a plain
+    ``nn.Linear`` gets in ``_linear_weight`` and what sets it apart in ``_kind_repr``; ΔW, W', merged
+    checkpoints and ``to_linear`` are formed from those here.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.merged = False  # the base holds W' (``merge``) until ``unmerge``
+        self.exact = False  # never the basis path (``FRoDLinear``)
+        self.last_path: str | None = None  # how the last call was computed
+        self.base_class: type[nn.Module] = nn.Linear  # the replaced module's class (``unload_frod``)
+        self._unmerged_weight: torch.Tensor | None = None  # while merged: what ``unmerge`` puts back
 
     def __setattr__(self, name: str, value) -> None:
         if name == "backend":
@@ -101,6 +114,64 @@ class FRoDLayer(nn.Module):
         """n + k, docs/design.md §3."""
         return self.in_features + self.k
 
+    def _accumulation_dtype(self) -> torch.dtype:
+        """float64 for W' and ΔW, except on accelerators with lower-precision weights: there float64
+        runs at a small fraction of float32's rate (1/64 on consumer GPUs), so float32 is used."""
+        if self.lam.device.type != "cpu" and self.lam.dtype != torch.float64:
+            return torch.float32
+        return torch.float64
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW (o, n), the update to the base weight (the kind's ``_rotated``), formed in the
+        accumulation dtype (float64; float32 on a GPU for non-float64 weights) and rounded once."""
+        return self._rotated(self.delta, self.sparse_values, with_base=False)
+
+    def effective_weight(self) -> torch.Tensor:
+        """W' = W + ΔW, formed as ``delta_weight`` is and rounded once."""
+        return self._rotated(self.delta, self.sparse_values, with_base=True)
+
+    def _merged_weight_of(self, delta: torch.Tensor, sparse_values: torch.Tensor) -> torch.Tensor:
+        """W' with the given δ and s in place of the layer's (a checkpoint's), as ``merge`` forms it."""
+        device = self.lam.device
+        return self._rotated(delta.to(device), sparse_values.to(device), with_base=True)
+
+    def _weight_to_merge(self, safe: bool) -> torch.Tensor:
+        """W' for ``merge``; with ``safe`` a non-finite W' is refused (ValueError) before anything changes."""
+        w_eff = self.effective_weight()
+        if safe and not bool(torch.isfinite(w_eff).all()):
+            raise ValueError("merge refused: the merged weight would hold NaN or Inf (check delta and sparse_values)")
+        return w_eff
+
+    @torch.no_grad()
+    def to_linear(self, merge: bool = True) -> nn.Linear:
+        """A plain ``nn.Linear`` with W' (``merge``) or the base weight W (``_linear_weight``).
+
+        The weight stays frozen and the bias keeps its ``requires_grad``, as in the FRoD model.
+        """
+        w = self._linear_weight(merge)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.data.to(w.dtype), requires_grad=self.bias.requires_grad)
+        return lin
+
+    def _apply(self, fn, recurse: bool = True):
+        # The weight kept for unmerge is a plain attribute: convert it with the module so that
+        # .to(device/dtype) while merged does not leave it behind.
+        super()._apply(fn, recurse)
+        if self._unmerged_weight is not None:
+            self._unmerged_weight = fn(self._unmerged_weight)
+        return self
+
+    def extra_repr(self) -> str:
+        share = 100.0 * self.num_trainable() / (self.in_features * self.out_features)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
+            f"sparse_rate={self.sparse_rate:g}, {self._kind_repr()}, "
+            f"trainable={self.num_trainable()} ({share:.2f}%)" + (", exact" if self.exact else "")
+            + (", merged" if self.merged else "")
+        )
+
 
 class FRoDLinear(FRoDLayer):
     """y = x·(W + U·(diag(δ)+S)·Vᵀ)ᵀ + b; build it with ``FRoDLinear.from_linear``.
@@ -118,16 +189,8 @@ class FRoDLinear(FRoDLayer):
     """
 
     def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        U: torch.Tensor,
-        lam: torch.Tensor,
-        basis: FRoDBasis,
-        mode: str = "additive",
-        backend: str = "auto",
-        path: str = "auto",
-        param_dtype: torch.dtype | None = None,
+        self, weight: torch.Tensor, bias: torch.Tensor | None, U: torch.Tensor, lam: torch.Tensor, basis: FRoDBasis,
+        mode: str = "additive", backend: str = "auto", path: str = "auto", param_dtype: torch.dtype | None = None,
         exact: bool = False,
     ) -> None:
         super().__init__()
@@ -140,12 +203,8 @@ class FRoDLinear(FRoDLayer):
             )
         self.in_features, self.out_features, self.mode = n, o, mode
         self.backend, self.path, self.exact = backend, path, bool(exact)
-        self.merged = False
         self.cache_weight = True
         self._cache, self._gate = WeightCache(), BasisGate()
-        self.last_path: str | None = None
-        self.base_class: type[nn.Module] = nn.Linear
-        self._unmerged_weight: torch.Tensor | None = None
         dtype = weight.dtype
         if mode == "additive":
             self.weight = nn.Parameter(weight.detach(), requires_grad=False)
@@ -169,18 +228,10 @@ class FRoDLinear(FRoDLayer):
 
     @classmethod
     def from_linear(
-        cls,
-        linear: nn.Linear,
-        sparse_rate: float = 0.01,
-        seed: int = 0,
-        reg: float = 1e-3,
-        basis: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-        mode: str = "additive",
-        backend: str = "auto",
-        path: str = "auto",
-        param_dtype: torch.dtype | None = None,
-        shared: FRoDBasis | None = None,
-        exact: bool = False,
+        cls, linear: nn.Linear, sparse_rate: float = 0.01, seed: int = 0, reg: float = 1e-3,
+        basis: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, mode: str = "additive",
+        backend: str = "auto", path: str = "auto", param_dtype: torch.dtype | None = None,
+        shared: FRoDBasis | None = None, exact: bool = False,
     ) -> FRoDLinear:
         """Wrap ``linear`` (its weight and bias are shared, not copied).
 
@@ -233,36 +284,15 @@ class FRoDLinear(FRoDLayer):
         """The diagonal of M as the kernels see it: δ, or λ+δ in factored mode."""
         return self.delta if self.mode == "additive" else self.lam + self.delta
 
-    def _accumulation_dtype(self) -> torch.dtype:
-        """float64 for W' and ΔW, except on accelerators with lower-precision weights: there float64
-        runs at a small fraction of float32's rate (1/64 on consumer GPUs), so float32 is used."""
-        if self.U.device.type != "cpu" and self.U.dtype != torch.float64:
-            return torch.float32
-        return torch.float64
-
-    def _rotated(self, diag: torch.Tensor, sparse_values: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-        """U·(diag + S)·Vᵀ (+ base), formed in the accumulation dtype and rounded once to U's dtype."""
+    def _rotated(self, delta: torch.Tensor, sparse_values: torch.Tensor, with_base: bool) -> torch.Tensor:
+        """ΔW = U·(diag(δ) + S)·Vᵀ, or with the base W' = W + ΔW (factored: U·(diag(λ+δ) + S)·Vᵀ, since
+        W = U·diag(λ)·Vᵀ there), formed in the accumulation dtype and rounded once to U's dtype."""
         self.require_basis()
-        acc = self._accumulation_dtype()
+        acc, base = self._accumulation_dtype(), self.base_weight if with_base else None
+        diag = self.lam + delta if with_base and self.mode == "factored" else delta
         m = rotation_matrix(diag.to(acc), self.basis.indices, sparse_values.to(acc))
         w = self.U.to(acc) @ m @ self.basis.V.to(acc).mT
         return (w if base is None else w + base.to(acc)).to(self.U.dtype)
-
-    def _merged_weight_of(self, delta: torch.Tensor, sparse_values: torch.Tensor) -> torch.Tensor:
-        """W' with the given δ and s in place of the layer's (a checkpoint's), as ``merge`` forms it."""
-        device = self.U.device
-        diag = delta.to(device) + (self.lam if self.mode == "factored" else 0)
-        return self._rotated(diag, sparse_values.to(device), self.base_weight)
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = U·(diag(δ)+S)·Vᵀ (o, n), formed in float64 (float32 on a GPU for non-float64
-        weights) and rounded once to the weight dtype."""
-        return self._rotated(self.delta, self.sparse_values, None)
-
-    def effective_weight(self) -> torch.Tensor:
-        """W' = W + ΔW (additive) or U·(diag(λ+δ)+S)·Vᵀ (factored), formed as ``delta_weight`` is
-        and rounded once."""
-        return self._rotated(self._diag(), self.sparse_values, self.base_weight)
 
     # -- the basis path: its deviation, measured once per compute dtype (layer_state.BasisGate) ------
 
@@ -421,14 +451,11 @@ class FRoDLinear(FRoDLayer):
         self._measure_basis()  # for the loaded W
 
     def _apply(self, fn, recurse: bool = True):
-        # The weight kept for unmerge is a plain attribute: convert it with the module so that
-        # .to(device/dtype) while merged does not leave it behind. A conversion keeps W's values
-        # (so its provenance), except to_empty and anything from or to meta, which keep none.
+        # A conversion keeps W's values (so its provenance), except to_empty and anything from or to
+        # meta, which keep none.
         was_original = self._provenance.is_original(self.base_weight)
         loses_values = converts_to_empty(fn) or self.U.device.type == "meta"
         super()._apply(fn, recurse)
-        if self._unmerged_weight is not None:
-            self._unmerged_weight = fn(self._unmerged_weight)
         if loses_values or self.U.device.type == "meta":
             self._provenance.lose_derived()
         else:
@@ -458,9 +485,7 @@ class FRoDLinear(FRoDLayer):
         """
         if self.merged:
             return
-        w_eff = self.effective_weight()
-        if safe and not bool(torch.isfinite(w_eff).all()):
-            raise ValueError("merge refused: the merged weight would hold NaN or Inf (check delta and sparse_values)")
+        w_eff = self._weight_to_merge(safe)
         was_original = self._provenance.is_original(self.base_weight)
         self._invalidate(measurements=False)  # W' only: W is unchanged, so is the basis measurement
         if self.mode == "factored":
@@ -487,29 +512,13 @@ class FRoDLinear(FRoDLayer):
         self.merged = False
         self._provenance.carry(was_original, self.base_weight)
 
-    @torch.no_grad()
-    def to_linear(self, merge: bool = True) -> nn.Linear:
-        """A plain ``nn.Linear`` with W' (``merge``) or the base weight (factored: U·diag(λ)·Vᵀ).
-
-        The weight stays frozen and the bias keeps its ``requires_grad``, as in the FRoD model.
-        """
+    def _linear_weight(self, merge: bool) -> torch.Tensor:
+        """W' (``merge``) or W; factored mode rebuilds W = U·diag(λ)·Vᵀ (δ = 0, s = 0)."""
         if merge:
-            w = self.weight.data if self.merged else self.effective_weight()
-        elif self.mode == "additive":
-            w = self.base_weight.data
-        else:
-            w = self._rotated(self.lam, torch.zeros_like(self.sparse_values), None)
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        lin.weight = nn.Parameter(w, requires_grad=False)
-        if self.bias is not None:
-            lin.bias = nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
-        return lin
+            return self.weight.data if self.merged else self.effective_weight()
+        if self.mode == "additive":
+            return self.base_weight.data
+        return self._rotated(torch.zeros_like(self.delta), torch.zeros_like(self.sparse_values), with_base=True)
 
-    def extra_repr(self) -> str:
-        share = 100.0 * self.num_trainable() / (self.in_features * self.out_features)
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
-            f"sparse_rate={self.sparse_rate:g}, bias={self.bias is not None}, mode={self.mode}, "
-            f"trainable={self.num_trainable()} ({share:.2f}%)" + (", exact" if self.exact else "")
-            + (", merged" if self.merged else "")
-        )
+    def _kind_repr(self) -> str:
+        return f"bias={self.bias is not None}, mode={self.mode}"
