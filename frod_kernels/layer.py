@@ -309,20 +309,6 @@ class FRoDLinear(FRoDLayer):
             base, self.U, self.basis.V, self.lam, self.basis.pattern, dtype))
         return found.deviation, found.tolerance
 
-    def _basis_lam(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """λ when this call may take the basis path (additive, not exact, deviation in tolerance)."""
-        if self.mode == "factored" or self.exact:
-            return None
-        if self.path == "basis":
-            return self.lam
-        if torch.compiler.is_compiling():
-            # No measuring inside a graph: the last eager measurement decides (loads, .to() and
-            # clear_weight_cache() drop it, and then the compiled call stays exact).
-            last = self._gate.last(dtype)
-            return self.lam if last is not None and last.within_tolerance else None
-        deviation, tolerance = self.basis_deviation(dtype)
-        return self.lam if deviation <= tolerance else None
-
     def _measure_basis(self) -> None:
         """Measure the basis path's deviation now, in the weights' dtype, where that can be done:
         a compiled forward cannot measure, and would otherwise stay on the exact paths after every
@@ -380,10 +366,10 @@ class FRoDLinear(FRoDLayer):
         dtype = compute_dtype(x)
         key = self._state_key(dtype, self.backend) if reuse else None
         given, share, keep = self._cache.training_slot(key) if reuse else (None, 1.0, False)
+        path, lam = self._plan(dtype, compiling)
         y, taken, built = frod_linear_reusing(
             x, self.base_weight, self.bias, self.U, self.basis.V, self._diag(), self.basis.pattern,
-            self.sparse_values, backend=self.backend, path=self._call_path(), lam=self._basis_lam(dtype),
-            rotated_weight=given, weight_share=share,
+            self.sparse_values, backend=self.backend, path=path, lam=lam, rotated_weight=given, weight_share=share,
         )
         if built is not None and keep:
             self._cache.store(key, built)
@@ -397,10 +383,16 @@ class FRoDLinear(FRoDLayer):
         U = self._buffers["U"]
         return x.dim() > 0 and x.shape[-1] == self.in_features and x.dtype == U.dtype and x.device == U.device
 
-    def _call_path(self) -> str:
+    def _plan(self, dtype: torch.dtype, compiling: bool) -> tuple[str, torch.Tensor | None]:
+        """(path, λ where the basis path may be taken, else None) for ``frod_linear_reusing``: additive, not
+        exact, and 'basis' forced or its deviation within tolerance (``BasisGate.allows``). Factored mode
+        computes 'basis' as 'token', the same maths there."""
         if self.path == "basis" and self.exact:
             raise ValueError("path='basis' computes with the decomposition's rounding; this layer has exact=True")
-        return "token" if self.path == "basis" and self.mode == "factored" else self.path  # factored: the same
+        if self.mode == "factored":
+            return ("token" if self.path == "basis" else self.path), None
+        basis = not self.exact and (self.path == "basis" or self._gate.allows(dtype, compiling, self.basis_deviation))
+        return self.path, self.lam if basis else None
 
     # -- state dicts: always (W, b, δ, s), whether merged or not ------------------------------------
     #

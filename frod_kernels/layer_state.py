@@ -196,6 +196,18 @@ class BasisGate:
         """The last measurement in ``dtype``, whatever weights it was taken on."""
         return self._by_dtype.get(dtype)
 
+    def allows(self, dtype: torch.dtype, compiling: bool,
+               deviation: Callable[[torch.dtype], tuple[float, float]]) -> bool:
+        """Whether the basis path may stand in for the exact one in ``dtype``: ``deviation(dtype)``, the
+        (deviation, tolerance) measured through ``measure``, is within tolerance. A compiled forward
+        (``compiling``) cannot measure: there the last measurement decides, and without one (a layer drops
+        them on loads, ``.to()`` and ``clear_weight_cache()``) the call stays exact."""
+        if compiling:
+            last = self.last(dtype)
+            return last is not None and last.within_tolerance
+        found, tolerance = deviation(dtype)
+        return found <= tolerance
+
     def dtypes(self) -> set[torch.dtype]:
         return set(self._by_dtype)
 

@@ -162,6 +162,21 @@ def test_basis_gate_measures_once_per_dtype_and_weight_key():
     assert len(calls) == 4
 
 
+def test_basis_gate_allows_within_tolerance_and_compiled_only_after_a_measurement():
+    gate, asked = BasisGate(), []
+
+    def deviation(dtype: torch.dtype) -> tuple[float, float]:
+        asked.append(dtype)
+        found = gate.measure(dtype, ("w", 1), lambda: (0.5 if dtype == torch.float32 else 2.0, 1.0))
+        return found.deviation, found.tolerance
+
+    assert not gate.allows(torch.float32, True, deviation) and not asked  # compiled: nothing measured yet, no
+    assert gate.allows(torch.float32, False, deviation) and asked == [torch.float32]
+    assert gate.allows(torch.float32, True, deviation) and len(asked) == 1  # compiled: the last measurement
+    assert not gate.allows(torch.bfloat16, False, deviation)
+    assert not gate.allows(torch.bfloat16, True, deviation)
+
+
 # -- BaseProvenance ----------------------------------------------------------------------------
 
 
