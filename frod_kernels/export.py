@@ -32,7 +32,8 @@ from torch import nn
 
 from .adapter import ADAPTER_FILE, CONFIG_FILE, save_frod
 from .base_layers import dense_weight, is_quantized
-from .layer import MERGED_MARKER, FRoDLayer
+from .layer import FRoDLayer
+from .layer_checkpoint import MERGED_MARKER
 from .targets import frod_layers, modules_with_all_names
 
 __all__ = ["frod_checkpoint_state_dict", "install_checkpoint_guard", "merged_state_dict", "remove_checkpoint_guard",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import layer_merge
 from .basis import FRoDBasis
 from .config import MODES
 from .decomposition import joint_decompose, validate_reg
@@ -28,13 +29,12 @@ from .dispatch import BACKENDS, PATHS
 from .factored_weight import FactoredWeight
 from .fingerprint import weight_fingerprint
 from .functional import compute_dtype, frod_linear, frod_linear_reusing
-from .layer_checkpoint import MERGED_MARKER, frod_entries_of_merged
 from .layer_state import BaseProvenance, BasisGate, WeightCache, basis_path_error, converts_to_empty, state_key
 from .options import check_choice
 from .pattern import sample_sparse_pattern, validate_sparse_rate
 from .reference import rotation_matrix
 
-__all__ = ["CACHED_WEIGHT", "MERGED", "MERGED_MARKER", "REUSED_WEIGHT", "FRoDLayer", "FRoDLinear"]
+__all__ = ["CACHED_WEIGHT", "MERGED", "REUSED_WEIGHT", "FRoDLayer", "FRoDLinear"]
 
 
 # How a call was computed (``FRoDLinear.last_path``), beside the dispatcher's 'token', 'weight', 'basis'.
@@ -394,53 +394,29 @@ class FRoDLinear(FRoDLayer):
         basis = not self.exact and (self.path == "basis" or self._gate.allows(dtype, compiling, self.basis_deviation))
         return self.path, self.lam if basis else None
 
-    # -- state dicts: always (W, b, δ, s), whether merged or not ------------------------------------
-    #
-    # A merged layer holds W' in ``weight``; saving that beside δ and s would apply the update twice
-    # on load. So the state dict of a merged layer holds the base W (additive) or no weight
-    # (factored), exactly as when unmerged, and loading into a merged layer unmerges it, loads, and
-    # merges again with the new δ and s: a checkpoint restores the trained function either way.
-    # A merged checkpoint (``MERGED_MARKER`` beside W', δ and s: what ``save_pretrained`` and the HF
-    # Trainer write) loads too: its W' is checked against this layer's W with its δ and s, and only
-    # δ and s are taken, so a resumed run continues from exactly the saved state.
+    # -- merge and state dicts: ``layer_merge`` ---------------------------------------------------
+
+    def merge(self, safe: bool = True) -> None:
+        """Write W' into ``weight``; ``unmerge()`` restores the original bit for bit.
+
+        With ``safe`` a non-finite δ, s or W' is refused (ValueError) and nothing changes.
+        While merged, forward is a plain linear layer and δ, s receive no gradient.
+        """
+        layer_merge.merge(self, safe)
+
+    def unmerge(self) -> None:
+        """Undo ``merge``: the original weight object's data comes back untouched."""
+        layer_merge.unmerge(self)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged:
-            if self.mode == "factored":
-                del destination[prefix + "weight"]
-            else:
-                destination[prefix + "weight"] = self._unmerged_weight
+        layer_merge.save_unmerged(self, destination, prefix)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        merged = self.merged
-        self.unmerge()
-        base = self.base_weight
-        was_original = self._provenance.is_original(base)
-        if prefix + MERGED_MARKER in state_dict:
-            state_dict = frod_entries_of_merged(
-                state_dict, prefix, shape=(self.out_features, self.in_features), transposed=self.base_class is not
-                nn.Linear, base=base, merged_weight_of=self._merged_weight_of, error_msgs=error_msgs,
-            )
-        incoming = state_dict.get(prefix + "weight")
-        # Loading the values W already holds (a full checkpoint of this model) keeps its provenance.
-        unchanged = base is None or incoming is None or (
-            isinstance(incoming, torch.Tensor) and incoming.shape == base.shape and incoming.dtype == base.dtype
-            and torch.equal(incoming.to(base.device), base)
-        )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
-        )
-        if self._provenance.derived_valid:
-            self._provenance.carry(was_original and unchanged, self.base_weight)
-        self._invalidate()
-        if merged:
-            try:
-                self.merge()
-            except ValueError as exc:  # load_state_dict raises with every message once all modules ran
-                error_msgs.append(f"{prefix or 'FRoDLinear'}: loaded, but could not merge again: {exc}")
-        self._measure_basis()  # for the loaded W
+        with layer_merge.loading(self, state_dict, prefix, error_msgs) as entries:
+            super()._load_from_state_dict(entries, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
 
     def _apply(self, fn, recurse: bool = True):
         # A conversion keeps W's values (so its provenance), except to_empty and anything from or to
@@ -465,44 +441,6 @@ class FRoDLinear(FRoDLayer):
         self._provenance.restore(self.base_weight)
         self._invalidate()
         self._measure_basis()
-
-    # -- merge ----------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def merge(self, safe: bool = True) -> None:
-        """Write W' into ``weight``; ``unmerge()`` restores the original bit for bit.
-
-        With ``safe`` a non-finite δ, s or W' is refused (ValueError) and nothing changes.
-        While merged, forward is a plain linear layer and δ, s receive no gradient.
-        """
-        if self.merged:
-            return
-        w_eff = self._weight_to_merge(safe)
-        was_original = self._provenance.is_original(self.base_weight)
-        self._invalidate(measurements=False)  # W' only: W is unchanged, so is the basis measurement
-        if self.mode == "factored":
-            # Registered directly: register_parameter would see the FactoredWeight stand-in.
-            self._parameters["weight"] = nn.Parameter(w_eff, requires_grad=False)
-        else:
-            self._unmerged_weight = self.weight.data
-            self.weight.data = w_eff
-        self.merged = True
-        self._provenance.carry(was_original, self.base_weight)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo ``merge``: the original weight object's data comes back untouched."""
-        if not self.merged:
-            return
-        was_original = self._provenance.is_original(self.base_weight)
-        self._invalidate(measurements=False)  # W' only: W is unchanged, so is the basis measurement
-        if self.mode == "factored":
-            del self._parameters["weight"]
-        else:
-            self.weight.data = self._unmerged_weight
-        self._unmerged_weight = None
-        self.merged = False
-        self._provenance.carry(was_original, self.base_weight)
 
     def _linear_weight(self, merge: bool) -> torch.Tensor:
         """W' (``merge``) or W; factored mode rebuilds W = U·diag(λ)·Vᵀ (δ = 0, s = 0)."""
