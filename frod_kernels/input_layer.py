@@ -34,13 +34,15 @@ from .basis import FRoDBasis
 from .functional import frod_input_transform
 from .layer import MERGED, FRoDLayer
 from .layer_checkpoint import MERGED_MARKER, frod_entries_of_merged
-from .layer_state import converts_to_empty
+from .layer_state import WeightCache, converts_to_empty, state_key
 from .reference import rotation_matrix
 
-__all__ = ["INPUT", "FRoDInputLinear", "guard_threshold"]
+__all__ = ["CACHED_TRANSFORM", "INPUT", "FRoDInputLinear", "guard_threshold"]
 
-# How a call was computed (``last_path``) in the input form.
+# How a call was computed (``last_path``) in the input form: the transform by the custom op, or by the
+# cached n × n matrix (evaluation).
 INPUT = "input"
+CACHED_TRANSFORM = "input, cached transform"
 
 
 def guard_threshold(dtype: torch.dtype) -> float:
@@ -88,6 +90,8 @@ class FRoDInputLinear(FRoDLayer):
         self.quantization = quantization(base)
         self.base_class: type[nn.Module] = nn.Linear if self.quantization else type(base)
         self._values_lost = False
+        self.cache_weight = True  # evaluation reuses T (``transform_matrix``) while δ, s and the basis are unchanged
+        self._cache = WeightCache()
         keep_layout(base)
         self.base_layer = base
         V = basis.V
@@ -143,6 +147,7 @@ class FRoDInputLinear(FRoDLayer):
         self.lam = lam.detach().to(device=self.lam.device, dtype=self.lam.dtype)
         self.lam_pinv = _guarded_pinv(self.lam)
         self._values_lost = False
+        self._cache.drop()
 
     def require_basis(self) -> None:
         if self._values_lost:
@@ -154,27 +159,60 @@ class FRoDInputLinear(FRoDLayer):
     # -- the maths ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """merged → the base; else the base of the transformed input."""
+        """merged → the base; evaluation → x + x·Tᵀ with the cached T; else the transform by the custom op."""
         self.require_basis()
+        params = self._parameters
         if self.merged:
             self.__dict__["last_path"] = MERGED
             return self.base_layer(x)
+        training = torch.is_grad_enabled() and (params["delta"].requires_grad or params["sparse_values"].requires_grad)
+        if self.cache_weight and not training and not torch.compiler.is_compiling() and self._is_plain_input(x):
+            self.__dict__["last_path"] = CACHED_TRANSFORM
+            transform = self._cache.eval_weight(self._state_key(), self.transform_matrix)
+            return self.base_layer(x + nn.functional.linear(x, transform))
         basis = self._modules["basis"]
-        x_tilde = frod_input_transform(x, basis.V, basis.V_inv, self.lam_pinv, self.delta, basis.pattern,
-                                       self.sparse_values, self.backend, self.path)
+        x_tilde = frod_input_transform(x, basis.V, basis.V_inv, self.lam_pinv, params["delta"], basis.pattern,
+                                       params["sparse_values"], self.backend, self.path)
         self.__dict__["last_path"] = INPUT
         return self.base_layer(x_tilde)
 
+    def _is_plain_input(self, x: torch.Tensor) -> bool:
+        """x can meet the cached T in a plain product: V's dtype and device, last dim n (anything else goes to
+        ``frod_input_transform``, which names the problem)."""
+        V = self._modules["basis"]._buffers["V"]
+        return (isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] == self.in_features and x.dtype == V.dtype
+                and x.device == V.device)
+
+    def _state_key(self) -> tuple:
+        """The key of δ, s, V, V⁻¹ and Λ⁺ now (``layer_state.state_key``), read from the module's dicts."""
+        params, basis = self._parameters, self._modules["basis"]._buffers
+        return state_key((params["delta"], params["sparse_values"], basis["V"], basis["V_inv"],
+                          self._buffers["lam_pinv"]))
+
+    def _transform(self, delta: torch.Tensor, sparse_values: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+        """T = V⁻ᵀ·Λ⁺·M·Vᵀ (n, n) in ``acc``: x̃ = x + x·Tᵀ and W' = W·(I + T) (docs/design.md §6.1)."""
+        basis = self.basis
+        m = rotation_matrix(delta.to(acc), basis.indices, sparse_values.to(acc)) * self.lam_pinv.to(acc)[:, None]
+        return basis.V_inv.to(acc).mT @ m @ basis.V.to(acc).mT
+
+    def transform_matrix(self) -> torch.Tensor:
+        """T = V⁻ᵀ·Λ⁺·M·Vᵀ (n, n) with the layer's δ and s, formed in the accumulation dtype and rounded once
+        to V's dtype: what evaluation caches (x̃ = x + x·Tᵀ); zero at initialisation, so x̃ = x exactly."""
+        self.require_basis()
+        return self._transform(self.delta, self.sparse_values, self._accumulation_dtype()).to(self.basis.V.dtype)
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached T; needed only after writes that bypass version counters and optimizers (``.data``)."""
+        self._cache.drop()
+
     def _rotated(self, delta: torch.Tensor, sparse_values: torch.Tensor, with_base: bool) -> torch.Tensor:
-        """W·(I + V⁻ᵀ·Λ⁺·M·Vᵀ) (``with_base``) or ΔW = W·V⁻ᵀ·Λ⁺·M·Vᵀ (= U·M·Vᵀ on the directions the guard
+        """W·(I + T) (``with_base``) or ΔW = W·T, T = V⁻ᵀ·Λ⁺·M·Vᵀ (ΔW = U·M·Vᵀ on the directions the guard
         keeps), formed in the accumulation dtype and rounded once to W's dtype (W dequantized for a quantized
         base)."""
         self.require_basis()
         acc, base = self._accumulation_dtype(), self.base_weight
-        basis = self.basis
-        m = rotation_matrix(delta.to(acc), basis.indices, sparse_values.to(acc)) * self.lam_pinv.to(acc)[:, None]
         w = base.to(acc)
-        w_delta = (w @ basis.V_inv.to(acc).mT) @ m @ basis.V.to(acc).mT
+        w_delta = w @ self._transform(delta, sparse_values, acc)
         return (w + w_delta if with_base else w_delta).to(base.dtype)
 
     # -- merge ----------------------------------------------------------------------------------
@@ -232,13 +270,11 @@ class FRoDInputLinear(FRoDLayer):
         """``to_linear``'s float weight: W' (``merge``) or W (dequantized for a quantized base)."""
         return self.effective_weight() if merge else self.base_weight.detach().clone()
 
-    def clear_weight_cache(self) -> None:
-        """Nothing is cached in the input form (kept for ``FRoDLinear``'s interface)."""
-
     # -- conversions and state dicts ------------------------------------------------------------
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
+        self._cache.drop()  # T was for the old dtype and device
         if self.lam.device.type == "meta" or converts_to_empty(fn):
             self._values_lost = True
         self.lam_pinv = _guarded_pinv(self.lam)  # τ follows the dtype

@@ -398,3 +398,31 @@ def test_bad_input_names_the_problem():
         FRoDInputLinear(linears[0], jb.lam[0], FRoDBasis(jb.V, sample_sparse_pattern(5, 0.1, 0), 0.1, 0, 1e-3))
     with pytest.raises(TypeError, match="is a LayerNorm"):
         FRoDInputLinear(nn.LayerNorm(5), jb.lam[0], _category(6, 5)[2])
+
+
+def test_evaluation_caches_the_transform_and_follows_every_update():
+    from frod_kernels.input_layer import CACHED_TRANSFORM
+
+    linears, jb, basis = _category(12, 10, dtype=torch.float32)
+    layer = FRoDInputLinear(linears[0], jb.lam[0], basis)
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        assert torch.equal(layer(x), linears[0](x)) and layer.last_path == CACHED_TRANSFORM  # T = 0 at init
+    opt = torch.optim.AdamW([layer.delta, layer.sparse_values], lr=1e-2, fused=True)  # no version bumps
+    for _ in range(2):
+        layer(x).square().sum().backward()
+        assert layer.last_path == "input"
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            cached = layer(x)
+            layer.cache_weight = False
+            computed = layer(x)
+            layer.cache_weight = True
+        assert layer.last_path == "input" and torch.allclose(cached, computed, atol=1e-6)
+    with torch.no_grad():
+        layer.delta.data.add_(0.5)  # bypasses version counters: clear_weight_cache() is for this
+        layer.clear_weight_cache()
+        after = layer(x)
+    assert not torch.allclose(after, cached, atol=1e-3)
+    assert torch.allclose(after, nn.functional.linear(x, layer.effective_weight(), layer.bias), atol=1e-5)
