@@ -9,6 +9,10 @@ onto the token path, and ``FRoDInputLinear`` on the same float base (path 'auto'
 puts the input form at 2 + 4n/o units of N·o·n and the token path at 4 + 2n/o (equal for square
 layers: the acceptance is ≤ 1.1×), the dense layer at 3. Reported: per shape the median ratio of
 each method to the dense call of the same round, with its quartiles, and the input form / token ratio.
+
+Decoding: the same layers in evaluation (no_grad), one row per call, interleaved: the frozen base
+``nn.Linear``, the input form with its cached n × n transform (``cache_weight``, the default) and
+without it; the median ratio of each to the base call of the same round.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from frod_kernels import FRoDLinear
 from frod_kernels.bench import runner
 from frod_kernels.bench.timing import Timed, time_interleaved
 from frod_kernels.decomposition import joint_decompose
-from frod_kernels.input_layer import FRoDInputLinear
+from frod_kernels.input_layer import CACHED_TRANSFORM, FRoDInputLinear
 from frod_kernels.layer import FRoDBasis
 from frod_kernels.pattern import sample_sparse_pattern
 
@@ -92,7 +96,28 @@ def main(argv: Sequence[str] | None = None) -> None:
                      f"(model {entry['model']['token'] / 3:.2f}), input {entry['input']['median']:.2f}x dense "
                      f"(model {entry['model']['input'] / 3:.2f}); input / token {entry['input_over_token']:.3f} "
                      f"(dense {entry['dense_ms']:.1f} ms)")
+        result["shapes"][shape]["decode"] = _decode(wrapped, n, device, args)
+        dec = result["shapes"][shape]["decode"]
+        lines.append(f"{'':<16} decoding one row: input form {dec['cached']:.2f}x the base layer with the cached "
+                     f"transform, {dec['uncached']:.2f}x without")
     runner.report(args, result, "\n".join(lines))
+
+
+def _decode(wrapped: FRoDInputLinear, n: int, device: torch.device, args) -> dict[str, float]:
+    """Median ratios to the base layer of one-row evaluation calls, cached and uncached (module docstring)."""
+    x = torch.randn(1, n, device=device)
+    base = wrapped.base_layer
+    uncached = FRoDInputLinear(base, wrapped.lam, wrapped.basis)
+    uncached.cache_weight = False
+    with torch.no_grad():
+        uncached.delta.copy_(wrapped.delta)
+        uncached.sparse_values.copy_(wrapped.sparse_values)
+        methods = {name: Timed(lambda m=m: m(x)) for name, m in
+                   (("base", base), ("cached", wrapped), ("uncached", uncached))}
+        samples = time_interleaved(methods, device, warmup=args.warmup, repeats=args.repeats * 10)
+    assert wrapped.last_path == CACHED_TRANSFORM
+    return {name: statistics.median(t / b for t, b in zip(ts, samples["base"], strict=True))
+            for name, ts in samples.items() if name != "base"}
 
 
 if __name__ == "__main__":
