@@ -194,6 +194,7 @@ def test_input_form_step_tiny(tmp_path):
     result = json.loads((tmp_path / "step.json").read_text())
     assert set(result["shapes"]) == {"square", "up (o = 4n)", "down (n = 4o)"}
     assert result["shapes"]["down (n = 4o)"]["model"] == {"token": 12, "input": 18, "dense": 3}
+    assert set(result["shapes"]["square"]["decode"]) == {"cached", "uncached"}
 
 
 def test_input_form_error_tiny(tmp_path):
