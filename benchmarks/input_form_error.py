@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from frod_kernels.bench import runner
+from frod_kernels.categories import category_name
 from frod_kernels.decomposition import condition_number, joint_decompose
 from frod_kernels.functional import frod_input_transform
 from frod_kernels.input_layer import guard_threshold
-from frod_kernels.model import category_name
 from frod_kernels.pattern import sample_sparse_pattern
 from frod_kernels.reference import error_tolerance, frod_linear_reference, relative_error
 

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from .adapter import describe_categories, load_frod_state_dict, pattern_hash, read_adapter
+from .categories import CategorySpec, apply_categories, other_base
 from .decomposition import ALGORITHM_VERSION, joint_decompose
 from .fingerprint import compare_fingerprints, dtype_name
 from .layer import MODES, FRoDBasis, FRoDLayer
-from .model import CategorySpec, apply_categories, other_base
 from .options import check_choice
 from .pattern import sample_sparse_pattern
 from .targets import ModelTransaction, frod_categories, frod_layers

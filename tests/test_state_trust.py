@@ -306,7 +306,7 @@ def test_apply_frod_failing_half_way_is_rolled_back(monkeypatch):
             raise RuntimeError("out of memory (simulated)")
         return real(weights, **kw)
 
-    monkeypatch.setattr(fk.model, "joint_decompose", fail_on_second)
+    monkeypatch.setattr(fk.categories, "joint_decompose", fail_on_second)
     with pytest.raises(RuntimeError, match="simulated"):
         fk.apply_frod(net, ["proj", "up", "down"])
     _assert_unchanged(net, snap)
