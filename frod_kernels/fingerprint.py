@@ -115,7 +115,9 @@ def compare_fingerprints(weights: Sequence[torch.Tensor], recorded: dict[str, st
     if packed.keys() & (set(recorded) | {own}):
         have = packed.get(own, own)
         trained = " or ".join(packed.get(d, d) for d in sorted(recorded))
+        hint = " (bitsandbytes, torchao: pip install 'frod_kernels[quant]')" if own not in packed else ""
         return (f"the model's base is {have}, the adapter was trained on a {trained} base: load the base as it was "
-                f"when trained (quantized the same way, or not), or pass allow_other_base=True to load it anyway")
+                f"when trained (quantized the same way{hint}, or not), or pass allow_other_base=True to load it "
+                f"anyway")
     return (f"the model's base weights are {own}; the adapter records its base only in "
             f"{', '.join(sorted(recorded))}: load the base model in one of those dtypes")
