@@ -118,14 +118,16 @@ def _weight_forward(bk, x, op: Operands, save, rotated_weight):
 def _token_backward(bk, dy, x, zt, op: Operands, need_x, need_params):
     pt = bk.dual_matmul(op.U.t(), dy)  # Pᵀ = Uᵀ·dYᵀ, (n, N)
     dx = dd = ds = None
+    # The SDDMM first: both sparse passes read Pᵀ, and this way the second finds it in cache (the
+    # dX GEMM between them would evict it); at N = 256, d = 1024 on CPU that saves ~0.1 ms.
+    if need_params:
+        dd, ds = bk.sddmm(pt, zt, op.pattern)
     if need_x:
         qt = op.m_matmul(bk, pt, transpose=True)  # (P·M)ᵀ = Mᵀ·Pᵀ
         if op.weight is None:
             dx = bk.dual_matmul(qt.t(), op.V)
         else:
             dx = bk.dual_matmul(dy, op.weight.t(), qt.t(), op.V)
-    if need_params:
-        dd, ds = bk.sddmm(pt, zt, op.pattern)
     return dx, dd, ds
 
 
