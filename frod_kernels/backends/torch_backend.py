@@ -61,6 +61,8 @@ class _Structure(NamedTuple):
 
     Entry i of M's CSR holds ``cat(diag, values)[order[i]]`` (``order_t`` for Mᵀ); the diagonal
     and Ω entries of a value array in M's CSR order are at ``diag_at`` and ``values_at``.
+    ``samplers``: per dtype, M's CSR with zero values, the SDDMM's sampling pattern (built on first
+    use; ``sampled_addmm`` copies it into its result and never writes it).
     """
 
     version: int
@@ -72,6 +74,7 @@ class _Structure(NamedTuple):
     order_t: torch.Tensor
     diag_at: torch.Tensor
     values_at: torch.Tensor
+    samplers: dict[torch.dtype, torch.Tensor]
 
 
 # Keyed by the pattern's indices tensor itself (an entry dies with it) and checked against its
@@ -92,7 +95,7 @@ def _build_structure(pattern: SparsePattern, version: int) -> _Structure:
     one_more = torch.arange(n + 1, device=rows.device)  # every row and column gains its diagonal entry
     return _Structure(
         version, (pattern.csr_ptr + one_more).to(index), c[order].to(index), order,
-        (pattern.csc_ptr + one_more).to(index), r[order_t].to(index), order_t, inverse[:n], inverse[n:],
+        (pattern.csc_ptr + one_more).to(index), r[order_t].to(index), order_t, inverse[:n], inverse[n:], {},
     )
 
 
@@ -106,10 +109,20 @@ def _structure(pattern: SparsePattern) -> _Structure:
     return found
 
 
+_beta_warning_given = False
+
+
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+    global _beta_warning_given
+    if _beta_warning_given:
         return torch.sparse_csr_tensor(crow, col, values, (n, n), check_invariants=False)
+    # PyTorch warns once per process that sparse CSR support is in beta: silence that first
+    # construction, and spare the later ones the filter (``catch_warnings`` costs ~2 µs a call).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = torch.sparse_csr_tensor(crow, col, values, (n, n), check_invariants=False)
+    _beta_warning_given = True
+    return m
 
 
 def _sparse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -147,7 +160,9 @@ def sddmm(at: torch.Tensor, bt: torch.Tensor, pattern: SparsePattern) -> tuple[t
         return torch.linalg.vecdot(at, bt), at.new_zeros(0)
     st = _structure(pattern)
     n, dtype = pattern.n, _sparse_dtype(at.dtype)
-    where = _csr(st.crow, st.col, torch.zeros(n + pattern.k, dtype=dtype, device=at.device), n)
+    where = st.samplers.get(dtype)
+    if where is None:
+        where = st.samplers[dtype] = _csr(st.crow, st.col, st.order.new_zeros(n + pattern.k, dtype=dtype), n)
     sampled = torch.sparse.sampled_addmm(
         where, _as(at, dtype).contiguous(), _as(bt, dtype).contiguous().t(), beta=0.0
     ).values()
