@@ -254,17 +254,23 @@ class _TritonRouted:
 _TRITON_ROUTED = _TritonRouted()
 
 
+_MODULES: dict[str, ModuleType] = {}
+
+
 def get_backend_module(name: str) -> ModuleType:
-    """The module of one backend's own kernels, every primitive on it (imported lazily)."""
+    """The module of one backend's own kernels, every primitive on it (imported lazily, once: a
+    ``from … import`` runs importlib's Python code each time, and every layer call asks twice)."""
+    found = _MODULES.get(name)
+    if found is not None:
+        return found
     if name == "torch":
-        from .backends import torch_backend
-
-        return torch_backend
-    if name == "triton":
-        from .backends import triton_backend
-
-        return triton_backend
-    raise ValueError(f"unknown backend {name!r}")
+        from .backends import torch_backend as found
+    elif name == "triton":
+        from .backends import triton_backend as found
+    else:
+        raise ValueError(f"unknown backend {name!r}")
+    _MODULES[name] = found
+    return found
 
 
 def get_backend(name: str):

@@ -28,10 +28,10 @@ row-major where it matters for speed: ``b`` and ``at`` contiguous, ``bt`` contig
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import NamedTuple
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..pattern import SparsePattern
 
@@ -77,9 +77,21 @@ class _Structure(NamedTuple):
     samplers: dict[torch.dtype, torch.Tensor]
 
 
-# Keyed by the pattern's indices tensor itself (an entry dies with it) and checked against its
-# version counter; the CSR/CSC views are functions of the indices, so they need no key of their own.
-_STRUCTURES = WeakIdKeyDictionary()
+# Keyed by the identity of the pattern's indices tensor, held by a weak reference (an entry dies with
+# the tensor), and checked against its version counter; the CSR/CSC views are functions of the
+# indices, so they need no key of their own. A plain dict of id → (weakref, structure): three
+# lookups a call, and ``WeakIdKeyDictionary`` spends several Python frames on each.
+_STRUCTURES: dict[int, tuple[weakref.ref, _Structure]] = {}
+
+
+def _keep(indices: torch.Tensor, structure: _Structure) -> None:
+    key = id(indices)
+
+    def forget(ref: weakref.ref) -> None:  # the tensor died; its id may already serve a new entry
+        if _STRUCTURES.get(key, (None,))[0] is ref:
+            del _STRUCTURES[key]
+
+    _STRUCTURES[key] = (weakref.ref(indices, forget), structure)
 
 
 def _build_structure(pattern: SparsePattern, version: int) -> _Structure:
@@ -103,9 +115,11 @@ def _structure(pattern: SparsePattern) -> _Structure:
     indices = pattern.indices
     if indices.is_inference():  # no version counter to check a kept structure against
         return _build_structure(pattern, 0)
-    found = _STRUCTURES.get(indices)
+    entry = _STRUCTURES.get(id(indices))
+    found = entry[1] if entry is not None and entry[0]() is indices else None
     if found is None or found.version != indices._version or found.crow.numel() != pattern.n + 1:
-        found = _STRUCTURES[indices] = _build_structure(pattern, indices._version)
+        found = _build_structure(pattern, indices._version)
+        _keep(indices, found)
     return found
 
 
