@@ -14,8 +14,6 @@ receive fp32 gradients.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import ops
@@ -178,8 +176,8 @@ def frod_linear_reusing(
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, but x is on {device}")
 
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n)
+    # A 2-D x goes to the op itself: a reshape would be a view, with its own autograd node.
+    x2 = x if x.dim() == 2 else x.reshape(-1, n)
     grad = torch.is_grad_enabled()
     for name, t in (("weight", weight), ("U", U), ("V", V), ("lam", lam), ("rotated_weight", rotated_weight)):
         if grad and t is not None and t.requires_grad:
@@ -195,18 +193,22 @@ def frod_linear_reusing(
         basis=lam is not None, weight_share=0.0 if rotated_weight is not None else weight_share,
     )
     save = needs_input_grad or needs_param_grad
-    operands = ops.Operands(weight, bias, U, V, _as(delta, dtype), _as(sparse_values, dtype), pattern)
     if resolved_path == "basis":  # the token path with W = U·diag(λ)·Vᵀ folded into the diagonal
-        operands = operands._replace(weight=None, diag=_as(_as(lam, delta.dtype) + delta, dtype))
-    with torch.autocast(device.type, enabled=False) if amp_dtype is not None else contextlib.nullcontext():
-        y, saved = ops.frod_linear_call(
-            x2, *operands.as_op_args(), rotated_weight if resolved_path == "weight" else None,
-            "token" if resolved_path == "basis" else resolved_path, resolved_backend, save,
-        )
+        operands = ops.Operands(None, bias, U, V, _as(_as(lam, delta.dtype) + delta, dtype),
+                                _as(sparse_values, dtype), pattern)
+    else:
+        operands = ops.Operands(weight, bias, U, V, _as(delta, dtype), _as(sparse_values, dtype), pattern)
+    args = (x2, *operands.as_op_args(), rotated_weight if resolved_path == "weight" else None,
+            "token" if resolved_path == "basis" else resolved_path, resolved_backend, save)
+    if amp_dtype is None:
+        y, saved = ops.frod_linear_call(*args)
+    else:
+        with torch.autocast(device.type, enabled=False):
+            y, saved = ops.frod_linear_call(*args)
     built = saved.detach() if resolved_path == "weight" and rotated_weight is None and save else None
     # A 2-D x gets the op's output itself, as from nn.Linear: not a view (FSDP2 warns about views,
     # whose in-place use would bypass its backward hooks); N-D x gets a view, as nn.Linear gives.
-    return (y if x.dim() == 2 else y.reshape(*lead, o)), resolved_path, built
+    return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], o)), resolved_path, built
 
 
 def frod_input_transform(
