@@ -18,6 +18,8 @@ unmerged factored layer stores no weight; its ``weight`` attribute is a ``Factor
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -31,7 +33,7 @@ from .fingerprint import weight_fingerprint
 from .functional import compute_dtype, frod_linear, frod_linear_reusing
 from .layer_state import BaseProvenance, BasisGate, WeightCache, basis_path_error, converts_to_empty, state_key
 from .options import check_choice
-from .pattern import sample_sparse_pattern, validate_sparse_rate
+from .pattern import SparsePattern, sample_sparse_pattern, validate_sparse_rate
 from .reference import rotation_matrix
 
 __all__ = ["CACHED_WEIGHT", "MERGED", "REUSED_WEIGHT", "FRoDLayer", "FRoDLinear"]
@@ -258,7 +260,8 @@ class FRoDLinear(FRoDLayer):
         """The frozen base W (o, n), whether merged or not; None in factored mode."""
         if self.mode == "factored":
             return None
-        return self._unmerged_weight if self.merged else self.weight
+        # From the parameter dict: ``self.weight`` goes through two ``__getattr__`` (µs, every call).
+        return self._unmerged_weight if self.merged else self._parameters["weight"]
 
     @property
     def base_is_original(self) -> bool:
@@ -282,7 +285,8 @@ class FRoDLinear(FRoDLayer):
 
     def _diag(self) -> torch.Tensor:
         """The diagonal of M as the kernels see it: δ, or λ+δ in factored mode."""
-        return self.delta if self.mode == "additive" else self.lam + self.delta
+        delta = self._parameters["delta"]
+        return delta if self.mode == "additive" else self._buffers["lam"] + delta
 
     def _rotated(self, delta: torch.Tensor, sparse_values: torch.Tensor, with_base: bool) -> torch.Tensor:
         """ΔW = U·(diag(δ) + S)·Vᵀ, or with the base W' = W + ΔW (factored: U·(diag(λ+δ) + S)·Vᵀ, since
@@ -304,10 +308,14 @@ class FRoDLinear(FRoDLayer):
         if self.mode == "factored":
             return 0.0, float("inf")
         self.require_basis()
-        base = self.base_weight
-        found = self._gate.measure(dtype, (base.data_ptr(), base._version), lambda: basis_path_error(
-            base, self.U, self.basis.V, self.lam, self.basis.pattern, dtype))
+        found = self._gate.measure(dtype, *self._basis_measurement(dtype))
         return found.deviation, found.tolerance
+
+    def _basis_measurement(self, dtype: torch.dtype) -> tuple[tuple, Callable[[], tuple[float, float]]]:
+        """(the key of W now, what measures the basis path's error on it in ``dtype``) for ``BasisGate``."""
+        base = self.base_weight
+        return (base.data_ptr(), base._version), lambda: basis_path_error(
+            base, self.U, self.basis.V, self.lam, self.basis.pattern, dtype)
 
     def _measure_basis(self) -> None:
         """Measure the basis path's deviation now, in the weights' dtype, where that can be done:
@@ -367,9 +375,12 @@ class FRoDLinear(FRoDLayer):
         key = self._state_key(dtype, self.backend) if reuse else None
         given, share, keep = self._cache.training_slot(key) if reuse else (None, 1.0, False)
         path, lam = self._plan(dtype, compiling)
+        # The tensors from the module's dicts, as in ``_state_key``.
+        params, shared = self._parameters, self._modules["basis"]._buffers
+        pattern = SparsePattern(shared["indices"], shared["csr_ptr"], shared["csc_ptr"], shared["csc_perm"])
         y, taken, built = frod_linear_reusing(
-            x, self.base_weight, self.bias, self.U, self.basis.V, self._diag(), self.basis.pattern,
-            self.sparse_values, backend=self.backend, path=path, lam=lam, rotated_weight=given, weight_share=share,
+            x, self.base_weight, params["bias"], self._buffers["U"], shared["V"], self._diag(), pattern,
+            params["sparse_values"], backend=self.backend, path=path, lam=lam, rotated_weight=given, weight_share=share,
         )
         if built is not None and keep:
             self._cache.store(key, built)
@@ -385,14 +396,21 @@ class FRoDLinear(FRoDLayer):
 
     def _plan(self, dtype: torch.dtype, compiling: bool) -> tuple[str, torch.Tensor | None]:
         """(path, λ where the basis path may be taken, else None) for ``frod_linear_reusing``: additive, not
-        exact, and 'basis' forced or its deviation within tolerance (``BasisGate.allows``). Factored mode
+        exact, and 'basis' forced or its deviation within tolerance (``BasisGate``). Factored mode
         computes 'basis' as 'token', the same maths there."""
         if self.path == "basis" and self.exact:
             raise ValueError("path='basis' computes with the decomposition's rounding; this layer has exact=True")
         if self.mode == "factored":
             return ("token" if self.path == "basis" else self.path), None
-        basis = not self.exact and (self.path == "basis" or self._gate.allows(dtype, compiling, self.basis_deviation))
-        return self.path, self.lam if basis else None
+        if self.exact:
+            return self.path, None
+        if self.path == "basis":
+            basis = True
+        elif compiling:  # a compiled forward cannot measure (nor read W's storage and version)
+            basis = self._gate.allows_compiled(dtype)
+        else:
+            basis = self._gate.allows(dtype, *self._basis_measurement(dtype))
+        return self.path, self._buffers["lam"] if basis else None
 
     # -- merge and state dicts: ``layer_merge`` ---------------------------------------------------
 

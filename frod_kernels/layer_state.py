@@ -177,8 +177,8 @@ class BasisGate:
     """Per compute dtype, whether the basis path may stand in for the exact one (``FRoDLinear``).
 
     ``measure`` measures once per dtype and again when the base weight's key changes; a compiled
-    forward cannot measure, so ``allows(..., compiling=True)`` uses the last measurement and says
-    no without one (the call then stays exact)."""
+    forward cannot measure, so ``allows_compiled`` uses the last measurement and says no without
+    one (the call then stays exact)."""
 
     def __init__(self) -> None:
         self._by_dtype: dict[torch.dtype, BasisMeasurement] = {}
@@ -196,17 +196,22 @@ class BasisGate:
         """The last measurement in ``dtype``, whatever weights it was taken on."""
         return self._by_dtype.get(dtype)
 
-    def allows(self, dtype: torch.dtype, compiling: bool,
-               deviation: Callable[[torch.dtype], tuple[float, float]]) -> bool:
-        """Whether the basis path may stand in for the exact one in ``dtype``: ``deviation(dtype)``, the
-        (deviation, tolerance) measured through ``measure``, is within tolerance. A compiled forward
-        (``compiling``) cannot measure: there the last measurement decides, and without one (a layer drops
-        them on loads, ``.to()`` and ``clear_weight_cache()``) the call stays exact."""
-        if compiling:
-            last = self.last(dtype)
-            return last is not None and last.within_tolerance
-        found, tolerance = deviation(dtype)
-        return found <= tolerance
+    def allows(self, dtype: torch.dtype, weight_key: tuple, compute: Callable[[], tuple[float, float]]) -> bool:
+        """Whether the basis path may stand in for the exact one in ``dtype`` on weights with key
+        ``weight_key``: their measurement (``measure``; ``compute()`` when there is none for that key)
+        is within tolerance. Asked on every training call: while the measurement is valid, one dict
+        lookup and one comparison of keys."""
+        found = self._by_dtype.get(dtype)
+        if found is None or found.weight_key != weight_key:
+            found = self.measure(dtype, weight_key, compute)
+        return found.within_tolerance
+
+    def allows_compiled(self, dtype: torch.dtype) -> bool:
+        """``allows`` for a compiled forward, which cannot measure: the last measurement in ``dtype``
+        decides, and without one (a layer drops them on loads, ``.to()`` and ``clear_weight_cache()``)
+        the call stays exact."""
+        last = self._by_dtype.get(dtype)
+        return last is not None and last.within_tolerance
 
     def dtypes(self) -> set[torch.dtype]:
         return set(self._by_dtype)

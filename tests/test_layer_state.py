@@ -165,16 +165,20 @@ def test_basis_gate_measures_once_per_dtype_and_weight_key():
 def test_basis_gate_allows_within_tolerance_and_compiled_only_after_a_measurement():
     gate, asked = BasisGate(), []
 
-    def deviation(dtype: torch.dtype) -> tuple[float, float]:
-        asked.append(dtype)
-        found = gate.measure(dtype, ("w", 1), lambda: (0.5 if dtype == torch.float32 else 2.0, 1.0))
-        return found.deviation, found.tolerance
+    def deviation(dtype: torch.dtype, found: float):
+        def compute() -> tuple[float, float]:
+            asked.append(dtype)
+            return found, 1.0
+        return compute
 
-    assert not gate.allows(torch.float32, True, deviation) and not asked  # compiled: nothing measured yet, no
-    assert gate.allows(torch.float32, False, deviation) and asked == [torch.float32]
-    assert gate.allows(torch.float32, True, deviation) and len(asked) == 1  # compiled: the last measurement
-    assert not gate.allows(torch.bfloat16, False, deviation)
-    assert not gate.allows(torch.bfloat16, True, deviation)
+    f32, bf16 = deviation(torch.float32, 0.5), deviation(torch.bfloat16, 2.0)
+    assert not gate.allows_compiled(torch.float32) and not asked  # compiled: nothing measured yet, no
+    assert gate.allows(torch.float32, ("w", 1), f32) and asked == [torch.float32]
+    assert gate.allows(torch.float32, ("w", 1), f32) and len(asked) == 1  # measured once per key
+    assert gate.allows_compiled(torch.float32) and len(asked) == 1  # compiled: the last measurement
+    assert not gate.allows(torch.bfloat16, ("w", 1), bf16)
+    assert not gate.allows_compiled(torch.bfloat16)
+    assert gate.allows(torch.float32, ("w", 2), f32) and len(asked) == 3  # W changed: measured again
 
 
 # -- BaseProvenance ----------------------------------------------------------------------------
