@@ -41,7 +41,7 @@ from frod_kernels.dispatch import get_backend_module
 from frod_kernels.layer import FRoDLinear
 
 METHODS = ("dense", "frod", "frod_torch_token")
-STEPS = ("Zt = Vt.Xt", "At = M.Zt", "Y = A.Ut + b", "Pt = Ut.dYt", "Qt = Mt.Pt", "dX = Q.Vt", "SDDMM(Pt, Zt)")
+STEPS = ("Zt = Vt.Xt", "At = M.Zt", "Y = A.Ut + b", "Pt = Ut.dYt", "SDDMM(Pt, Zt)", "Qt = Mt.Pt", "dX = Q.Vt")
 SPARSE_STEPS = ("At = M.Zt", "Qt = Mt.Pt", "SDDMM(Pt, Zt)")
 
 
@@ -102,11 +102,11 @@ def _steps(layer: FRoDLinear, x: torch.Tensor, gy: torch.Tensor, record: dict[st
         marks.append(time.perf_counter())
         pt = bk.dual_matmul(op.U.t(), gy)
         marks.append(time.perf_counter())
+        bk.sddmm(pt, zt, op.pattern)
+        marks.append(time.perf_counter())
         qt = op.m_matmul(bk, pt, transpose=True)
         marks.append(time.perf_counter())
         bk.dual_matmul(qt.t(), op.V)
-        marks.append(time.perf_counter())
-        bk.sddmm(pt, zt, op.pattern)
         marks.append(time.perf_counter())
         for name, start, end in zip(STEPS, marks, marks[1:], strict=False):
             record[name].append(end - start)
