@@ -85,6 +85,7 @@ _STRUCTURES: dict[int, tuple[weakref.ref, _Structure]] = {}
 
 
 def _keep(indices: torch.Tensor, structure: _Structure) -> None:
+    """Remember ``structure`` for ``indices`` until that tensor dies."""
     key = id(indices)
 
     def forget(ref: weakref.ref) -> None:  # the tensor died; its id may already serve a new entry
