@@ -92,12 +92,13 @@ def _categories(model: torch.nn.Module) -> list[list[torch.Tensor]]:
 
 
 def _multiply_adds(layers: int, o: int, n: int) -> float:
-    """Multiply-adds of joint_decompose's per-layer products for L layers (o, n) (docs/design.md §2):
-    the Gram term, Q_i (a triangular solve: half), B_i = Q_i·E and the error check, o·n² each, and
-    T's term: Q_iᵀQ_i and its Cholesky inverse (o ≥ n), or the Woodbury form's two o²·n and one
-    o·n² (o < n). The few n³ steps done once per category (Cholesky, eigh) are left out."""
-    t_term = o * n * n + n**3 if o >= n else 2 * o * o * n + o * n * n
-    return layers * (3.5 * o * n * n + t_term)
+    """Multiply-adds of joint_decompose's per-layer products for L layers (o, n) (docs/design.md §2,
+    "Cost"): the Gram term (a symmetric product, 5/8 of o·n²), Q_i (a triangular solve: half), B_i =
+    Q_i·E (o·n²), the probe error estimate (32·o·n), and T's term: Q_iᵀQ_i (5/8·o·n²) and its
+    Cholesky inverse (o ≥ n), or Q_iQ_iᵀ (5/8·o²·n), Z_i = K_i⁻¹Q_i (½·o²·n) and Z_iᵀZ_i (5/8·o·n²)
+    (o < n). The few n³ steps done once per category (Cholesky, eigh, V) are left out."""
+    t_term = 0.625 * o * n * n + n**3 if o >= n else 1.125 * o * o * n + 0.625 * o * n * n
+    return layers * (2.125 * o * n * n + 32 * o * n + t_term)
 
 
 def _floor(categories: list[list[torch.Tensor]], symmetric: list[torch.Tensor]) -> None:

@@ -3,11 +3,14 @@
 An adapter holds only what training changed (δ and s of every FRoD layer, plus any other
 parameter left trainable, e.g. a task head, listed as ``extra``) and, per category, everything
 the basis is a function of: its layers, shape, sparse rate, pattern seed (and the user's base
-seed), reg, mode, the decomposition's algorithm version, a hash of Ω and a full fingerprint of
+seed), reg, mode, the decomposition's algorithm version, a hash of Ω, a full fingerprint of
 the base weights, in its dtype and rounded to each narrower one a user may load the same base in
-(``fingerprint.fingerprints_by_dtype``: a cast is not a new base). U, V, λ and Ω are recomputed
-from the base model on load (bit-identically on the same machine); ``loading.load_frod`` refuses a
-model whose weights, shapes, pattern, reg or algorithm differ, with an error that says which.
+(``fingerprint.fingerprints_by_dtype``: a cast is not a new base), and a record of V (V at 64
+rows, ``decomposition.basis_record``, a tensor of the file named by the category's ``record``).
+U, V, λ and Ω are recomputed from the base model on load, V aligned to the record (its columns'
+signs and rotations are not functions of the weights alone); ``loading.load_frod`` refuses a
+model whose weights, shapes, pattern, reg or algorithm differ, with an error that says which, and
+a rebuilt V that the record cannot be matched in.
 
 This module is the format: the state dicts, the file (``save_frod``, ``read_adapter``) and the
 per-category description (``describe_categories``).
@@ -26,6 +29,7 @@ from torch import nn
 
 from .basis import FRoDBasis
 from .config import FRoDConfig
+from .decomposition import basis_record, record_rows
 from .fingerprint import dtype_name, weight_fingerprint
 from .layer import FRoDLinear
 from .targets import frod_categories, frod_layers, frod_param_ids
@@ -36,7 +40,8 @@ __all__ = [
 ]
 
 _FORMAT = "frod_kernels.adapter"
-_VERSION = "3"  # 3: base fingerprints by dtype ("fingerprints"); 2 (still read): one, of unrecorded dtype
+_VERSION = "4"  # 4: a record of V; 3 (read): fingerprints by dtype; 2 (read): one, of unrecorded dtype
+_READ_VERSIONS = ("2", "3", _VERSION)
 _FROD_KEYS = ("delta", "sparse_values")
 
 # Per category: key -> accepted JSON types (None allowed where the second entry is type(None)).
@@ -44,8 +49,9 @@ _CATEGORY_SCHEMA: dict[str, tuple[type, ...]] = {
     "layers": (list,), "out_features": (int,), "in_features": (int,), "k": (int,),
     "sparse_rate": (int, float), "seed": (int,), "base_seed": (int, type(None)), "reg": (int, float),
     "mode": (str,), "source": (str,), "algorithm": (int, type(None)), "pattern": (str,),
-    "fingerprints": (dict,), "basis": (str, type(None)),
+    "fingerprints": (dict,), "basis": (str, type(None)), "record": (str, type(None)),
 }
+_RECORD_PREFIX = "frod_basis_record:"  # + category name: the key of its record of V in the file
 
 
 def frod_keys(layer_names) -> set[str]:
@@ -165,6 +171,7 @@ def describe_categories(model: nn.Module) -> dict[str, dict]:
             "mode": first.mode, "source": basis.source, "algorithm": basis.algorithm,
             "pattern": pattern_hash(basis.indices), "fingerprints": base_fingerprints(name, basis, layers),
             "basis": _basis_hash(basis) if basis.source == "given" else None,
+            "record": _RECORD_PREFIX + name if basis.source == "joint_decompose" else None,
         }
     return cats
 
@@ -198,6 +205,8 @@ def save_frod(model: nn.Module, path: str | os.PathLike) -> None:
         "extra": sorted(k for k in tensors if k not in layer_keys),
         "configs": [c.to_dict() for c in getattr(model, "frod_configs", [])],
     }
+    tensors.update({cats[name]["record"]: basis_record(basis.V).to(basis.precision)
+                    for name, (basis, _) in frod_categories(model).items() if cats[name]["record"] is not None})
     # safetensors metadata is str -> str: the JSON parts are stored as JSON text.
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in description.items()}
     if _is_directory_target(path):
@@ -262,6 +271,8 @@ def _parse_metadata(path: Path, metadata: dict, version: str) -> tuple[dict[str,
         if version == "2" and "fingerprint" in cat:
             old = cat.pop("fingerprint")
             cat["fingerprints"] = {} if old is None else {"any": old}
+        if version in ("2", "3"):
+            cat.setdefault("record", None)  # older formats record no V: the basis is rebuilt unaligned
         for key, types in _CATEGORY_SCHEMA.items():
             if key not in cat:
                 raise damaged(f"category {name!r} has no {key!r}")
@@ -275,8 +286,22 @@ def _parse_metadata(path: Path, metadata: dict, version: str) -> tuple[dict[str,
     return cats, extra
 
 
+def _take_record(path: Path, tensors: dict[str, torch.Tensor], name: str, cat: dict) -> torch.Tensor:
+    """Remove category ``name``'s record of V from ``tensors`` and return it, checked."""
+    record = tensors.pop(cat["record"], None)
+    shape = (len(record_rows(cat["in_features"])), cat["in_features"])
+    if record is None or tuple(record.shape) != shape or not record.is_floating_point() or not bool(
+            torch.isfinite(record).all()):
+        raise ValueError(
+            f"{path} has damaged FRoD metadata: category {name!r}: its record of V ({cat['record']!r}) must be a "
+            f"finite floating-point tensor of shape {shape} in the file"
+        )
+    return record
+
+
 def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[str], list[dict]]:
-    """(tensors, categories, extra keys, configs) of an adapter file or directory, all checked."""
+    """(tensors, categories, extra keys, configs) of an adapter file or directory, all checked; each
+    category's ``record`` is its record of V (a tensor taken out of ``tensors``) or None."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -294,9 +319,9 @@ def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], 
     if metadata.get("format") != _FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a FRoD adapter (no '{_FORMAT}' metadata)")
     version = metadata.get("version")
-    if version not in ("2", _VERSION):
+    if version not in _READ_VERSIONS:
         raise ValueError(
-            f"{path} has adapter format version {version!r}; this frod_kernels reads '2' and {_VERSION!r} "
+            f"{path} has adapter format version {version!r}; this frod_kernels reads {', '.join(_READ_VERSIONS)} "
             f"(format 1 fingerprinted only a sample of the base weights: re-save it from the trained model)"
         )
     cats, extra = _parse_metadata(path, metadata, version)
@@ -309,6 +334,9 @@ def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], 
             raise ValueError(
                 f"{directory}: {CONFIG_FILE} and {ADAPTER_FILE} describe different adapters (copied from two saves?)"
             )
+    for name, cat in cats.items():
+        if cat["record"] is not None:
+            cat["record"] = _take_record(path, tensors, name, cat)
     layer_keys = frod_keys(name for c in cats.values() for name in c["layers"])
     undeclared = sorted(set(tensors) - layer_keys - set(extra))
     if undeclared:

@@ -18,6 +18,10 @@ from .pattern import SparsePattern
 __all__ = ["FRoDBasis"]
 
 
+def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
+
+
 class FRoDBasis(nn.Module):
     """What a category shares: V (n, n, kept column-major for the SDDMM) and the pattern Ω."""
 
@@ -48,6 +52,9 @@ class FRoDBasis(nn.Module):
         self.base_seed, self.source, self.fingerprint = base_seed, source, fingerprint
         self.algorithm = ALGORITHM_VERSION if source == "joint_decompose" else None
         self.max_error, self.jitter = max_error, jitter
+        # The coarsest dtype V has held since it was computed: its values carry no more precision after a
+        # cast back, and an adapter's record of V is kept in it (``decomposition.basis_record``).
+        self.precision = V.dtype
         # Ω on the host, outside the module's tensors: the device buffers are rebuilt from it after
         # every conversion, so no conversion (``to_empty`` above all) can leave the sparse kernels
         # an uninitialised pattern to read.
@@ -59,6 +66,8 @@ class FRoDBasis(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
+        if self.V.is_floating_point():
+            self.precision = _coarser(self.precision, self.V.dtype)
         pattern = SparsePattern.from_indices(self._host_indices, self.n)
         for field, tensor in zip(SparsePattern._fields, pattern, strict=True):
             setattr(self, field, tensor.to(self.V.device))
@@ -67,6 +76,7 @@ class FRoDBasis(nn.Module):
     def set_V(self, V: torch.Tensor) -> None:
         """Install a recomputed V (same shape), column-major like the original."""
         self.V = V.detach().to(device=self.V.device, dtype=self.V.dtype).t().contiguous().t()
+        self.precision = _coarser(V.dtype, self.V.dtype)
 
     @property
     def pattern(self) -> SparsePattern:

@@ -69,7 +69,8 @@ class CategorySpec:
     """What builds one category: its layers (module names) and the inputs of its basis and Ω.
 
     ``seed`` is the pattern's own seed (``category_seed(base_seed, name)`` under ``apply_frod``);
-    ``base_seed`` is the seed the user gave, kept for messages and adapters.
+    ``base_seed`` is the seed the user gave, kept for messages and adapters; ``record``, an adapter's
+    record of the basis to reproduce (``decomposition.basis_record``) when ``load_frod`` builds it.
     """
 
     layers: list[str]
@@ -78,6 +79,7 @@ class CategorySpec:
     reg: float
     mode: str
     base_seed: int | None = None
+    record: torch.Tensor | None = None
 
 
 class FRoDCategoryWarning(UserWarning):
@@ -206,7 +208,7 @@ def build_category(
     weights = [lin.weight for lin in linears]
     fingerprints = fingerprints or fingerprints_by_dtype(_fingerprint_tensors(members))
     wrap = spec.mode == "input"
-    jb = joint_decompose(weights, reg=spec.reg, name=name, inverse=wrap)
+    jb = joint_decompose(weights, reg=spec.reg, name=name, inverse=wrap, align_to=spec.record)
     n = weights[0].shape[1]
     basis = FRoDBasis(
         jb.V, sample_sparse_pattern(n, spec.sparse_rate, spec.seed), spec.sparse_rate, spec.seed, spec.reg, name=name,

@@ -3,7 +3,7 @@
 For L weights W_i of shape (o, n) it finds one invertible V (n × n) and per layer U_i (o × n, unit
 columns) and λ_i (n) with W_i = U_i·diag(λ_i)·Vᵀ, exactly up to rounding:
 
-1. C = Σ W_iᵀ W_i = Rᵀ R (Cholesky, float64; the Gram route needs O(n²) memory, not O(L·o·n)).
+1. C = Σ W_iᵀ W_i = Rᵀ R (Cholesky, float64).
 2. Q_i = W_i R⁻¹ (triangular solve).
 3. T = (1/L) Σ (Q_iᵀ Q_i + α I)⁻¹, α = reg.
 4. T = E Θ Eᵀ (symmetric eigendecomposition).
@@ -21,12 +21,27 @@ divided by a power of two 2^e near its largest magnitude, exactly, and V is mult
 end: weights of size 1e±200 neither overflow the Gram matrix nor underflow it, and the reported
 errors are those of the well-scaled problem.
 
-``ALGORITHM_VERSION`` names this algorithm: adapters record it, since δ and s mean something
-only in the basis that produced them.
+Cost (docs/design.md §2, "Cost"): the weights are stacked into one (L·o × n) float64 matrix, so
+that steps 1, 2 and 6 are one large product each; the symmetric products (C, Q_iᵀQ_i, the
+Woodbury term) compute their upper block triangle only (``_gram``: 5/8 of a GEMM). The per-layer
+reconstruction error ‖W_i − U_i diag(λ_i) Vᵀ‖_F / ‖W_i‖_F is estimated on a fixed probe P (n × 16,
+standard normal) as ‖(W_i − U_i diag(λ_i) Vᵀ)·P‖_F / ‖W_i·P‖_F: E‖A·P‖_F² = 16·‖A‖_F², so this
+is the Frobenius ratio to within a small factor, for o·n·16 multiply-adds instead of o·n².
+
+``ALGORITHM_VERSION`` names this algorithm, the maths, not the bits: adapters record it, since δ and
+s mean something only in the basis that produced them. E is not a function of the weights alone:
+each eigenvector's sign is arbitrary, and eigenvectors of nearly equal eigenvalues may come out
+rotated into each other, so rounding (thread counts, BLAS builds, the same base in bfloat16) can
+give another, equally exact basis in which δ and s mean something else. An adapter therefore
+records V at 64 rows (``basis_record``), and a load decomposes with ``align_to``: E's columns are
+given the record's signs and, where that is not enough, rotated by the orthogonal matrix nearest
+a banded least-squares fit of the record (docs/design.md §2, "Versioning").
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import math
 import numbers
@@ -36,7 +51,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ALGORITHM_VERSION", "JointBasis", "check_weights", "condition_number", "joint_decompose", "validate_reg"]
+__all__ = [
+    "ALGORITHM_VERSION", "JointBasis", "basis_drift", "basis_record", "check_weights", "condition_number",
+    "drift_tolerance", "joint_decompose", "record_rows", "validate_reg",
+]
 
 logger = logging.getLogger("frod_kernels")
 
@@ -136,21 +154,62 @@ def _times_power_of_two_(t: torch.Tensor, exponent: int) -> torch.Tensor:
     return t.mul_(2.0**half).mul_(2.0 ** (exponent - half))
 
 
-def _mean_regularised_inverse(qs: list[torch.Tensor], reg: float) -> torch.Tensor:
-    """T = (1/L) Σ (Q_iᵀ Q_i + α I)⁻¹ via Cholesky; Woodbury when o < n (cost O(o²n) per layer)."""
+def _add_gram_upper_(acc: torch.Tensor, a: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """acc += aᵀ·a (a: m × n, acc: n × n) on and above the block diagonal only, in place.
+
+    The Gram matrix is symmetric, so the column blocks j ≥ i of block row i determine it: ``blocks``
+    GEMMs of (n/b × m)·(m × n − i·n/b) do (b + 1)/(2b) of a full product's multiply-adds (0.625 at
+    b = 4; 0.64–0.77 of its time on 2 CPU cores). ``_mirror_upper`` completes it."""
+    n = a.shape[1]
+    edges = [round(i * n / blocks) for i in range(blocks + 1)]
+    for lo, hi in itertools.pairwise(edges):
+        if hi > lo:
+            acc[lo:hi, lo:].addmm_(a[:, lo:hi].mT, a[:, lo:])
+    return acc
+
+
+def _mirror_upper(acc: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is acc's (a new tensor)."""
+    return acc.triu().add_(acc.triu(1).mT)
+
+
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    """aᵀ·a (n × n, symmetric) of a (m × n) with about 5/8 of a GEMM's multiply-adds."""
+    return _mirror_upper(_add_gram_upper_(a.new_zeros(a.shape[1], a.shape[1]), a))
+
+
+def _mean_regularised_inverse(qs: Sequence[torch.Tensor], reg: float) -> torch.Tensor:
+    """T = (1/L) Σ (Q_iᵀ Q_i + α I)⁻¹ via Cholesky; Woodbury when o < n (cost O(o²n) per layer).
+
+    Woodbury: (αI + QᵀQ)⁻¹ = (I − Qᵀ(αI + QQᵀ)⁻¹Q)/α, and with αI + QQᵀ = K·Kᵀ (Cholesky),
+    Qᵀ(αI + QQᵀ)⁻¹Q = ZᵀZ for Z = K⁻¹Q: one triangular solve and one symmetric product per layer."""
     o, n = qs[0].shape
-    eye_n = torch.eye(n, dtype=qs[0].dtype, device=qs[0].device)
-    acc = torch.zeros(n, n, dtype=qs[0].dtype, device=qs[0].device)
     if o >= n:
+        eye_n = torch.eye(n, dtype=qs[0].dtype, device=qs[0].device)
+        acc = torch.zeros(n, n, dtype=qs[0].dtype, device=qs[0].device)
         for q in qs:
-            acc += torch.cholesky_inverse(torch.linalg.cholesky(q.mT @ q + reg * eye_n))
-        return acc / len(qs)
-    # (αI + QᵀQ)⁻¹ = (I − Qᵀ (αI + QQᵀ)⁻¹ Q) / α
+            acc += torch.cholesky_inverse(torch.linalg.cholesky(_gram(q).add_(eye_n, alpha=reg)))
+        return acc.div_(len(qs))
     eye_o = torch.eye(o, dtype=qs[0].dtype, device=qs[0].device)
+    acc = torch.zeros(n, n, dtype=qs[0].dtype, device=qs[0].device)
     for q in qs:
-        chol = torch.linalg.cholesky(q @ q.mT + reg * eye_o)
-        acc += q.mT @ torch.cholesky_solve(q, chol)
-    return (eye_n - acc / len(qs)) / reg
+        k = torch.linalg.cholesky(_gram(q.mT).add_(eye_o, alpha=reg))
+        _add_gram_upper_(acc, torch.linalg.solve_triangular(k, q, upper=False))
+    acc = _mirror_upper(acc).div_(-len(qs))
+    acc.diagonal().add_(1.0)
+    return acc.div_(reg)
+
+
+_PROBE_COLUMNS = 16
+
+
+@functools.lru_cache(maxsize=8)
+def _error_probe(n: int, device: torch.device) -> torch.Tensor:
+    """The fixed probe P of the error estimate (n × 16, standard normal from seed 0, float64):
+    drawn once per (n, device), never written."""
+    with torch.inference_mode(False):
+        draw = torch.randn(n, _PROBE_COLUMNS, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return draw.to(device)
 
 
 def condition_number(V: torch.Tensor, V_inv: torch.Tensor, steps: int = 30) -> float:
@@ -167,12 +226,84 @@ def condition_number(V: torch.Tensor, V_inv: torch.Tensor, steps: int = 30) -> f
     return norm2(V) * norm2(V_inv)
 
 
+# An adapter's record of its basis: V at this many rows (``record_rows``).
+_RECORD_ROWS = 64
+# Alignment to a record: each recorded column is fitted by the rebuilt columns this many places
+# either side of it. Eigenvectors mix with their neighbours in eigenvalue order (up to 6 columns
+# apart for MiniLM's weights rounded to bfloat16, further in wide clusters). What the record buys is
+# measured by benchmarks/cross_dtype_load.py (docs/hardening.md §1): with every row of V (n² numbers)
+# a bfloat16 load of a float32 MiniLM adapter would match a plainly cast model; 64 rows and a reach
+# of 16 keep the record at 64·n numbers per category.
+_ALIGN_REACH = 16
+
+
+def record_rows(n: int) -> torch.Tensor:
+    """The rows of V that an adapter records: min(n, 64) rows spread evenly over 0 … n − 1."""
+    return torch.linspace(0, n - 1, min(n, _RECORD_ROWS), dtype=torch.float64).round().long().unique()
+
+
+def basis_record(V: torch.Tensor) -> torch.Tensor:
+    """V at ``record_rows`` (k × n, V's dtype, on the CPU): what an adapter keeps of its basis."""
+    return V.detach()[record_rows(V.shape[0]).to(V.device)].cpu().contiguous()
+
+
+def basis_drift(V: torch.Tensor, record: torch.Tensor) -> float:
+    """max_j ‖V[rows, j] − record[:, j]‖ / rms_j ‖record[:, j]‖ (float64): how far V's columns are from a
+    record, each against the typical column (a column of V weighs its direction in U·M·Vᵀ, so a small
+    one's error counts at its size)."""
+    got = V.detach()[record_rows(V.shape[0]).to(V.device)].double().cpu()
+    return _drift(got, record.double())
+
+
+def _drift(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = want.square().sum(dim=0).mean().sqrt().clamp_min(1e-300)
+    return float((got - want).norm(dim=0).max() / scale)
+
+
+def drift_tolerance(*dtypes: torch.dtype, ulps: int = 8) -> float:
+    """The ``basis_drift`` that rounding explains: ``ulps``·ε of the coarsest dtype involved, plus
+    1e-6 for float64's own differences between machines (E is resolved to ε/gap)."""
+    return ulps * max(torch.finfo(d).eps for d in dtypes) + 1e-6
+
+
+def _align_to_record(e: torch.Tensor, v_rows: torch.Tensor, record: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """E·A for an orthogonal A that brings V's recorded rows (v_rows = (Rᵀ·E)[rows], true scale) to ``record``.
+
+    First each column gets the record's sign (exact: a basis rebuilt with other signs only is then the
+    same bit for bit). If columns still differ by more than ``tolerance``, each recorded column j is
+    fitted, at the recorded rows, by the rebuilt columns j − w … j + w (least squares, w = 16: eigenvectors
+    mix only with their neighbours in eigenvalue order), and A is the orthogonal matrix nearest that
+    banded fit (its polar factor, from an SVD: O(n³), as eigh). A rotation within reach is recovered
+    exactly; E·A stays orthogonal, so the decomposition stays exact."""
+    want = record.to(v_rows)
+    signs = torch.where((v_rows * want).sum(dim=0) < 0, -1.0, 1.0).to(e)
+    e, v_rows = e * signs, v_rows * signs
+    if _drift(v_rows, want) <= tolerance:
+        return e
+    n, width = e.shape[1], min(_ALIGN_REACH, (v_rows.shape[0] - 1) // 2)
+    if v_rows.shape[0] == n:  # every row recorded (n ≤ 64): the whole fit, which a degenerate T needs
+        a = torch.linalg.lstsq(v_rows, want).solution  # (L = 2 layers with L·o = n make T ∝ I)
+    else:
+        # Column j of A: the least-squares combination of rebuilt columns j − w … j + w that gives recorded
+        # column j at the recorded rows (windows clipped at the edges: padded with zero columns).
+        padded = torch.nn.functional.pad(v_rows, (width, width))
+        windows = padded.unfold(1, 2 * width + 1, 1).permute(1, 0, 2)  # (n, k, 2w + 1)
+        # gelsd: the windows at the edges hold zero columns (rank-deficient); the default driver returns 0 there
+        coefficients = torch.linalg.lstsq(windows, want.mT.unsqueeze(2), driver="gelsd").solution.squeeze(2)
+        offsets = torch.arange(n, device=e.device).unsqueeze(1) + torch.arange(2 * width + 1, device=e.device)
+        band = torch.zeros(n, n + 2 * width, dtype=e.dtype, device=e.device).scatter_(1, offsets, coefficients)
+        a = band[:, width:n + width].mT  # A[i, j] = coefficient of rebuilt column i in recorded column j
+    u, _, vh = torch.linalg.svd(a)
+    return e @ (u @ vh)  # the orthogonal matrix nearest A (polar factor): E·A stays orthogonal
+
+
 def joint_decompose(
     weights: Sequence[torch.Tensor],
     reg: float = 1e-3,
     dtype: torch.dtype | None = None,
     name: str = "",
     inverse: bool = False,
+    align_to: torch.Tensor | None = None,
 ) -> JointBasis:
     """Decompose L weights (o, n) into W_i = U_i·diag(λ_i)·Vᵀ with one shared V (docs/design.md §2).
 
@@ -183,6 +314,8 @@ def joint_decompose(
         name: category name, for the log line.
         inverse: also return V⁻¹ (``JointBasis.V_inv``), from the float64 factors: V = Rᵀ·E with E
             orthogonal, so V⁻¹ = Eᵀ·R⁻ᵀ = (R⁻¹·E)ᵀ, one triangular solve (no general inverse).
+        align_to: a ``basis_record`` (k × n) of the basis to reproduce (an adapter's, on load): E is
+            aligned to it (``_align_to_record``) before V, U and λ are formed, so they stay exact.
 
     Returns:
         a ``JointBasis`` with the per-layer relative reconstruction errors (float64 maths).
@@ -193,32 +326,43 @@ def joint_decompose(
     dtype = dtype or weights[0].dtype
     # Power-of-two scaling is exact: 2^e·(W/2^e) = W bit for bit (see the module docstring).
     exponent = math.frexp(peak)[1]
-    ws = [_times_power_of_two_(w.detach().to(torch.float64, copy=True), -exponent) for w in weights]
+    count, (o, n) = len(weights), weights[0].shape
+    # The L weights stacked as one (L·o × n) float64 matrix: the Gram sum, the triangular solve and
+    # B = Q·E are then one large product each, and W's buffer is reused for B.
+    stack = torch.empty(count * o, n, dtype=torch.float64, device=weights[0].device)
+    for layer, w in zip(stack.split(o), weights, strict=True):
+        layer.copy_(w.detach())
+    _times_power_of_two_(stack, -exponent)
+    probe = _error_probe(n, stack.device)
+    w_probe = (stack @ probe).view(count, o, -1)  # W_i·P, kept for the error estimate
+    norms_probe = torch.linalg.matrix_norm(w_probe).clamp_min(1e-300)
 
-    # The Gram sum and T's sum accumulate in place, layer after layer in order: the rounding of
-    # ALGORITHM_VERSION 1. One GEMM over the stacked weights would sum in another order (other bits).
-    gram = torch.zeros(ws[0].shape[1], ws[0].shape[1], dtype=torch.float64, device=ws[0].device)
-    for w in ws:
-        gram += w.mT @ w
-    r, jitter = _cholesky_upper(gram)
-    qs = [torch.linalg.solve_triangular(r, w, upper=True, left=False) for w in ws]
-    if len(ws) == 1:
-        e = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)  # T ∝ I: E = I, V = Rᵀ, U = Q
+    r, jitter = _cholesky_upper(_gram(stack))
+    q = torch.linalg.solve_triangular(r, stack, upper=True, left=False)  # Q_i = W_i·R⁻¹, all layers at once
+    qs = q.split(o)
+    if count == 1:
+        e = torch.eye(n, dtype=r.dtype, device=r.device)  # T ∝ I: E = I, V = Rᵀ, U = Q
     else:
         e = torch.linalg.eigh(_mean_regularised_inverse(qs, reg)).eigenvectors
+    if align_to is not None:
+        if tuple(align_to.shape) != (len(record_rows(n)), n):
+            raise ValueError(f"align_to has shape {tuple(align_to.shape)}, expected {(len(record_rows(n)), n)}")
+        v_rows = _times_power_of_two_(r[:, record_rows(n).to(r.device)].mT @ e, exponent)
+        e = _align_to_record(e, v_rows, align_to.to(e.device), drift_tolerance(dtype, align_to.dtype))
     v = r.mT @ e
 
-    us, lams, errors, finite = [], [], [], True
-    for w, q in zip(ws, qs, strict=True):
-        b = q @ e
-        lam = torch.linalg.vector_norm(b, dim=0)
-        u = b / torch.where(lam > 0, lam, torch.ones_like(lam))
-        errors.append(float(torch.linalg.norm(w - (u * lam) @ v.mT) / torch.linalg.norm(w).clamp_min(1e-300)))
-        # U_i is finite iff λ_i is: a NaN or Inf in column j of B_i makes λ_i[j] = ‖B_i[:, j]‖ NaN or
-        # Inf, and a finite λ_i[j] bounds |U_i[:, j]| by 1. So n numbers are checked, not o·n.
-        finite = finite and bool(torch.isfinite(lam).all())
-        us.append(u.to(dtype))
-        lams.append(lam.to(dtype))
+    b = (torch.mm(q, e, out=stack) if count > 1 else q).view(count, o, n)  # B_i = Q_i·E
+    lam = torch.linalg.vector_norm(b, dim=1)  # (L, n): λ_i = column norms of B_i
+    u = b.div_(torch.where(lam > 0, lam, torch.ones_like(lam)).unsqueeze(1))  # a zero column stays zero
+    # ‖(W_i − U_i·diag(λ_i)·Vᵀ)·P‖_F / ‖W_i·P‖_F on the fixed probe: the relative reconstruction
+    # error of each layer, estimated with o·n·k multiply-adds instead of o·n² (module docstring).
+    recon_probe = torch.bmm(u, lam.unsqueeze(2) * (v.mT @ probe))  # U_i·(diag(λ_i)·Vᵀ·P)
+    errors = (torch.linalg.matrix_norm(w_probe - recon_probe) / norms_probe).tolist()
+    # U_i is finite iff λ_i is: a NaN or Inf in column j of B_i makes λ_i[j] = ‖B_i[:, j]‖ NaN or
+    # Inf, and a finite λ_i[j] bounds |U_i[:, j]| by 1. So L·n numbers are checked, not L·o·n.
+    finite = bool(torch.isfinite(lam).all())
+    us = [layer.to(dtype, copy=True) for layer in u]  # copies: no U_i shares the stack's storage
+    lams = [layer.to(dtype, copy=True) for layer in lam]
     stored = _times_power_of_two_(v, exponent).to(dtype)
     if not (finite and bool(torch.isfinite(stored).all())):
         raise ValueError(f"cannot decompose: the shared basis V overflows {dtype} (weights too large for it)")
@@ -230,7 +374,7 @@ def joint_decompose(
     elapsed = time.perf_counter() - started
     logger.info(
         "joint_decompose %s: %d x (%d, %d) in %.2fs, max rel. error %.2e%s",
-        name or "<category>", len(ws), *ws[0].shape, elapsed, max(errors),
+        name or "<category>", count, o, n, elapsed, max(errors),
         f", jitter {jitter:.1e}" if jitter else "",
     )
     return JointBasis(V=stored, U=us, lam=lams, errors=errors, jitter=jitter, V_inv=v_inv)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapter import describe_categories, load_frod_state_dict, pattern_hash, read_adapter
 from .categories import CategorySpec, apply_categories, other_base
-from .decomposition import ALGORITHM_VERSION, joint_decompose
+from .decomposition import ALGORITHM_VERSION, JointBasis, basis_drift, drift_tolerance, joint_decompose
 from .fingerprint import compare_fingerprints, dtype_name
 from .layer import MODES, FRoDBasis, FRoDLayer
 from .options import check_choice
@@ -30,6 +30,11 @@ from .pattern import sample_sparse_pattern
 from .targets import ModelTransaction, frod_categories, frod_layers
 
 __all__ = ["load_frod"]
+
+# How far a rebuilt V may differ from the adapter's record after alignment (``basis_drift``), in ε
+# of the coarsest dtype involved: 0.5 for a bfloat16 load of a float32 adapter, where MiniLM's worst
+# category stays at 0.18 and the loaded model within 1.1× a plainly cast one (docs/hardening.md §1).
+_ACCEPTED_DRIFT_ULPS = 64
 
 
 def _seed_text(cat: dict) -> str:
@@ -87,7 +92,8 @@ def _rebuild_plan(path: Path, lost: dict[str, tuple[FRoDBasis, list[FRoDLayer]]]
                 )
         weights = [layer.base_weight for layer in layers]
         plan.append((basis, layers, joint_decompose(weights, reg=basis.reg, name=name,
-                                                    inverse=layers[0].mode == "input")))
+                                                    inverse=layers[0].mode == "input",
+                                                    align_to=cats.get(name, {}).get("record"))))
     return plan
 
 
@@ -98,6 +104,48 @@ def _install(plan) -> None:
             basis.V_inv = jb.V_inv.to(basis.V_inv).contiguous()
         for layer, U, lam in zip(layers, jb.U, jb.lam, strict=True):
             layer.rebuild_basis(U, lam)
+
+
+def _realign_plan(cats: dict[str, dict], model: nn.Module):
+    """Decompose again, aligned to the adapter's record, each category of a model with FRoD layers of its
+    own whose V differs from the record by more than rounding (built on another machine, or from the
+    base in another dtype): what ``_install`` puts in place. A category without W (factored, or a given
+    basis) cannot be decomposed again: the final check (``_check_records``) judges it."""
+    layers = frod_layers(model)
+    plan = []
+    for name, (basis, names) in frod_categories(model).items():
+        record = cats.get(name, {}).get("record")
+        group = [layers[n] for n in names]
+        if (record is None or basis.source != "joint_decompose" or group[0].mode == "factored"
+                or basis_drift(basis.V, record) <= drift_tolerance(basis.precision, record.dtype)):
+            continue
+        weights = [layer.base_weight for layer in group]
+        plan.append((basis, group, joint_decompose(weights, reg=basis.reg, name=name, inverse=group[0].mode == "input",
+                                                   align_to=record)))
+    return plan
+
+
+def _current(plan) -> list:
+    """The plan that puts back what ``plan`` replaces (for a rollback)."""
+    return [(basis, group, JointBasis(V=basis.V.clone(), U=[getattr(layer, "U", None) for layer in group],
+                                      lam=[layer.lam.clone() for layer in group], errors=[],
+                                      V_inv=None if basis.V_inv is None else basis.V_inv.clone()))
+            for basis, group, _ in plan]
+
+
+def _check_records(model: nn.Module, cats: dict[str, dict], allow_other_base: bool) -> None:
+    """Each rebuilt V must match the adapter's record of the one δ and s were trained in (format 4)."""
+    for name, (basis, _) in frod_categories(model).items():
+        record = cats.get(name, {}).get("record")
+        if record is None:
+            continue  # formats 2 and 3 record no V
+        drift = basis_drift(basis.V, record)
+        tolerance = drift_tolerance(basis.precision, record.dtype, ulps=_ACCEPTED_DRIFT_ULPS)
+        if drift > tolerance:
+            other_base(name, (f"the basis rebuilt here differs from the one the adapter was trained in (a column of "
+                              f"V differs by {drift:.1e} of a typical column's norm at the recorded rows, "
+                              f"{tolerance:.0e} accepted): the eigenvectors of the decomposition came out otherwise "
+                              f"here"), allow_other_base)
 
 
 def _check_against_model(path: Path, model: nn.Module, cats: dict[str, dict], allow_other_base: bool) -> None:
@@ -206,7 +254,7 @@ def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None
                 _check_rebuildable(path, name, cat)
             specs = {
                 name: CategorySpec(cat["layers"], cat["sparse_rate"], cat["seed"], cat["reg"], mode or cat["mode"],
-                                   cat["base_seed"])
+                                   cat["base_seed"], record=cat["record"])
                 for name, cat in cats.items()
             }
             apply_categories(model, specs, {name: cat["fingerprints"] for name, cat in cats.items()}, tx,
@@ -214,6 +262,11 @@ def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None
         else:  # a model built from the file's own categories matches them by construction
             _install(_rebuild_plan(path, _lost_bases(model), cats))
             _check_against_model(path, model, cats, allow_other_base)
+            realign = _realign_plan(cats, model)
+            undo = _current(realign)
+            tx.defer(lambda: _install(undo))
+            _install(realign)
+        _check_records(model, cats, allow_other_base)
         params = dict(model.named_parameters())
         frod_weights = {id(layer.weight) for layer in frod_layers(model).values()}
         for key in extra:

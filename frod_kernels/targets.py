@@ -120,7 +120,8 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 class ModelTransaction:
-    """Undo log for changes to a model: module replacements and ``requires_grad`` flags.
+    """Undo log for changes to a model: module replacements, ``requires_grad`` flags and in-place
+    changes registered with their undo (``defer``).
 
     ``with ModelTransaction(model) as tx:`` rolls every recorded change back if the block raises,
     so a refused call leaves the model exactly as it was."""
@@ -129,11 +130,18 @@ class ModelTransaction:
         self.model = model
         self._flags = [(p, p.requires_grad) for p in model.parameters()]
         self._replaced: list[tuple[str, nn.Module]] = []
+        self._undo: list[Callable[[], None]] = []
+
+    def defer(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` on rollback (after every later change is undone): for in-place changes."""
+        self._undo.append(undo)
 
     def replace(self, name: str, new: nn.Module) -> None:
         self._replaced.append((name, replace_module(self.model, name, new)))
 
     def rollback(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
         for name, old in reversed(self._replaced):
             replace_module(self.model, name, old)
         for p, flag in self._flags:

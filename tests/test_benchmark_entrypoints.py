@@ -203,3 +203,13 @@ def test_input_form_error_tiny(tmp_path):
     result = json.loads((tmp_path / "err.json").read_text())
     assert len(result["categories"]) == 7
     assert all(r <= 1.0 for c in result["categories"].values() for r in c["worst_error_over_criterion"].values())
+
+
+def test_cross_dtype_load_tiny(tmp_path):
+    proc = _script(["-m", "benchmarks.cross_dtype_load", "--tiny", "--json", str(tmp_path / "cdl.json")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [row for by_dtype in json.loads((tmp_path / "cdl.json").read_text())["scales"].values()
+            for row in by_dtype.values()]
+    assert len(rows) == 4
+    # Every row of V is recorded at this size: the aligned load is as close as a cast; unaligned, far off.
+    assert all(row["aligned_over_cast"] < 1.5 and row["unaligned"] > 0.5 for row in rows)

@@ -10,12 +10,14 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 import frod_kernels as fk
+from frod_kernels.targets import frod_categories, frod_layers
 
 from _problems import randomise_frod, tiny_bert
 
@@ -27,10 +29,10 @@ TARGETS = ["q_proj", "v_proj"]
 IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(5))
 
 
-def _llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+def _llama(seed: int = 0, dtype: torch.dtype = torch.float32, hidden: int = 48) -> nn.Module:
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=72,
+        hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=72,
         vocab_size=100, max_position_embeddings=32,
     )
     return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
@@ -385,6 +387,123 @@ def test_format_2_adapters_still_load(tmp_path):
     assert torch.equal(_logits(fk.load_frod(_llama(), tmp_path / "v2.safetensors")), _logits(model))
     with pytest.raises(ValueError, match="format 2"):
         fk.load_frod(_llama(dtype=torch.bfloat16), tmp_path / "v2.safetensors")
+
+
+# -- a rebuilt basis is aligned to the adapter's record of V (format 4) -----------------------------
+
+
+def _other_machine(monkeypatch, flip=(), mix=()):
+    """Make eigh come out as another machine's may: the eigenvector columns in ``flip`` with the opposite
+    sign, and each pair (i, j) in ``mix`` rotated into each other by 0.3 rad (an equally exact basis)."""
+    real = torch.linalg.eigh
+
+    def eigh(t):
+        values, vectors = real(t)
+        vectors = vectors.clone()
+        vectors[:, list(flip)] *= -1
+        c, s = torch.cos(torch.tensor(0.3, dtype=vectors.dtype)), torch.sin(torch.tensor(0.3, dtype=vectors.dtype))
+        for i, j in mix:
+            vectors[:, [i, j]] = vectors[:, [i, j]] @ torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
+        return SimpleNamespace(eigenvalues=values, eigenvectors=vectors)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+
+
+def _as_format_3(path, out):
+    """The adapter at ``path`` as format 3 wrote it: no record of V."""
+    import json
+
+    from safetensors.torch import load_file, safe_open, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    cats = json.loads(meta["categories"])
+    tensors = load_file(str(path))
+    for cat in cats.values():
+        del tensors[cat.pop("record")]
+    meta.update(version="3", categories=json.dumps(cats))
+    save_file(tensors, str(out), metadata=meta)
+
+
+@pytest.mark.parametrize("mode,hidden", [("additive", 48), ("input", 48), ("additive", 96)])
+def test_a_rebuilt_basis_is_aligned_to_the_adapters(tmp_path, monkeypatch, mode, hidden):
+    """eigh's sign and the rotation of nearly equal eigenvalues' eigenvectors are not functions of the weights:
+    a load aligns the rebuilt V to the adapter's record. Signs alone: bit for bit; a rotation: to rounding.
+    n = 48: every row recorded, one block; n = 96: blocks of 32 columns, the pair (31, 32) straddling one."""
+    model = _llama(hidden=hidden)
+    fk.apply_frod(model, fk.FRoDConfig(TARGETS, mode=mode))
+    randomise_frod(model, 1e-1)
+    fk.save_frod(model, tmp_path / "a.safetensors")
+    _as_format_3(tmp_path / "a.safetensors", tmp_path / "v3.safetensors")
+    want = _logits(model)
+    with monkeypatch.context() as patch:
+        _other_machine(patch, flip=[0, 5, 47])
+        assert torch.equal(_logits(fk.load_frod(_llama(hidden=hidden), tmp_path / "a.safetensors")), want)
+        # Without the record (format 3) the same basis computes another function: the record matters.
+        assert _rel(_logits(fk.load_frod(_llama(hidden=hidden), tmp_path / "v3.safetensors")), want) > 1e-3
+    with monkeypatch.context() as patch:
+        _other_machine(patch, flip=[3], mix=[(10, 12), (20, 21), (31, 32)])
+        assert _rel(_logits(fk.load_frod(_llama(hidden=hidden), tmp_path / "a.safetensors")), want) < 1e-5
+        assert _rel(_logits(fk.load_frod(_llama(hidden=hidden), tmp_path / "v3.safetensors")), want) > 1e-3
+
+
+def test_a_basis_that_cannot_be_aligned_is_refused_and_the_model_left_alone(tmp_path, monkeypatch):
+    model = _llama(hidden=96)  # n = 96 > the 64 rows recorded: the alignment works on blocks of 32 columns
+    fk.apply_frod(model, fk.FRoDConfig(TARGETS))
+    randomise_frod(model, 1e-1)
+    fk.save_frod(model, tmp_path / "a.safetensors")
+    _other_machine(monkeypatch, mix=[(0, 40)])  # never in one block of the alignment
+    base = _llama(hidden=96)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match="differs from the one the adapter was trained in"):
+        fk.load_frod(base, tmp_path / "a.safetensors")
+    assert not fk.frod_layers(base) and all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    with pytest.warns(fk.FRoDBaseMismatchWarning, match="at the recorded rows"):
+        fk.load_frod(base, tmp_path / "a.safetensors", allow_other_base=True)
+
+
+def test_a_model_with_its_own_layers_is_realigned_and_a_refusal_undoes_it(tmp_path, monkeypatch):
+    """Into a model that has FRoD layers of its own, built where eigh flips a column: the load decomposes
+    again aligned to the record; a NaN in δ is then refused and V, U and λ are back as they were."""
+    model = _frod_llama()
+    randomise_frod(model, 1e-1)
+    fk.save_frod(model, tmp_path / "a.safetensors")
+    with monkeypatch.context() as patch:
+        _other_machine(patch, flip=[2], mix=[(30, 31)])
+        mine = _frod_llama()
+    basis, names = next(iter(frod_categories(mine).values()))
+    layer = frod_layers(mine)[names[0]]
+    V, U, lam = basis.V.clone(), layer.U.clone(), layer.lam.clone()
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "a.safetensors"))
+    tensors[f"{names[0]}.delta"][0] = float("nan")
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=f.metadata())
+    with pytest.raises(ValueError, match="NaN"):
+        fk.load_frod(mine, tmp_path / "bad.safetensors")
+    assert torch.equal(basis.V, V) and torch.equal(layer.U, U) and torch.equal(layer.lam, lam)
+    fk.load_frod(mine, tmp_path / "a.safetensors")
+    assert _rel(_logits(mine), _logits(model)) < 1e-5
+
+
+def test_a_damaged_record_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    fk.save_frod(_frod_llama(), tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    good = load_file(str(tmp_path / "a.safetensors"))
+    key = next(k for k in good if k.startswith("frod_basis_record:"))
+    for damage in (good[key][:3], good[key].int(), good[key] * float("inf"), None):
+        tensors = {k: v for k, v in good.items() if k != key}
+        if damage is not None:
+            tensors[key] = damage
+        save_file(tensors, str(tmp_path / "d.safetensors"), metadata=meta)
+        with pytest.raises(ValueError, match="record of V"):
+            fk.load_frod(_llama(), tmp_path / "d.safetensors")
 
 
 def test_apply_frod_options_come_from_one_place():
