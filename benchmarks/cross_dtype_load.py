@@ -14,7 +14,8 @@ that dtype, the basis rebuilt from the rounded weights, in three ways:
 Reported per way: the error of the model's output (the encoder's last hidden state or the LM's
 logits, for 4 × 32 token ids) against the trained float32 model, relative to the adapter's effect:
 ‖y − y_trained‖_F / ‖y_trained − y_base‖_F (1.0: as far off as the adapter's whole effect); and
-aligned / cast. ``--tiny``: a 2-layer random Llama (the smoke test; its numbers mean little).
+aligned / cast. Per category, for the unaligned load: how many columns of the rebuilt V point the
+other way from the trained V's (a negative dot product). ``--tiny``: a 2-layer random Llama (the smoke test; its numbers mean little).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import nn
 import frod_kernels as fk
 from benchmarks.input_form_error import _model
 from frod_kernels.bench import runner
-from frod_kernels.targets import frod_layers
+from frod_kernels.targets import frod_categories, frod_layers
 
 SCALES = (1e-2, 1e-1)
 LOAD_DTYPES = (torch.bfloat16, torch.float16)
@@ -60,6 +61,12 @@ def _without_record(path: Path, out: Path) -> None:
     for cat in cats.values():
         del tensors[cat.pop("record")]
     save_file(tensors, str(out), metadata={**meta, "version": "3", "categories": json.dumps(cats)})
+
+
+def _flipped(trained: nn.Module, loaded: nn.Module) -> dict[str, int]:
+    have = frod_categories(loaded)
+    return {name: int(((basis.V.double() * have[name][0].V.double()).sum(dim=0) < 0).sum())
+            for name, (basis, _) in frod_categories(trained).items()}
 
 
 def _output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -92,10 +99,12 @@ def measure(make, targets: list[str], vocab: int) -> dict:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", fk.FRoDBaseMismatchWarning)
                     aligned = fk.load_frod(make().to(dtype), aligned_file, allow_other_base=True)
+                unaligned = fk.load_frod(make().to(dtype), unaligned_file)
                 row = {
                     "cast": error(copy.deepcopy(trained).to(dtype)),
                     "aligned": error(aligned),
-                    "unaligned": error(fk.load_frod(make().to(dtype), unaligned_file)),
+                    "unaligned": error(unaligned),
+                    "flipped_columns_unaligned": _flipped(trained, unaligned),
                 }
                 row["aligned_over_cast"] = row["aligned"] / row["cast"]
                 rows[str(dtype).removeprefix("torch.")] = row
@@ -119,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             lines.append(f"{scale:>9} {dtype:>9} {row['cast']:>8.3f} {row['aligned']:>8.3f} {row['unaligned']:>10.3f} "
                          f"{row['aligned_over_cast']:>13.2f}")
     lines.append("error of the output against the trained float32 model, relative to the adapter's effect")
+    for dtype, row in next(iter(rows.values())).items():
+        flips = ", ".join(f"{name}: {count}" for name, count in row["flipped_columns_unaligned"].items())
+        lines.append(f"columns of V flipped when rebuilt in {dtype}, unaligned: {flips}")
     runner.report(args, result, "\n".join(lines))
 
 
