@@ -15,7 +15,8 @@ Reported per way: the error of the model's output (the encoder's last hidden sta
 logits, for 4 × 32 token ids) against the trained float32 model, relative to the adapter's effect:
 ‖y − y_trained‖_F / ‖y_trained − y_base‖_F (1.0: as far off as the adapter's whole effect); and
 aligned / cast. Per category, for the unaligned load: how many columns of the rebuilt V point the
-other way from the trained V's (a negative dot product). ``--tiny``: a 2-layer random Llama (the smoke test; its numbers mean little).
+other way from the trained V's (a negative dot product). ``--tiny``: a 2-layer random Llama (the
+smoke test; its numbers mean little).
 """
 
 from __future__ import annotations
@@ -112,11 +113,21 @@ def measure(make, targets: list[str], vocab: int) -> dict:
     return result
 
 
+def _castable(model: nn.Module) -> nn.Module:
+    """The model without transformers' GGUF quantizer (SmolLM2's weights are already dequantized to float32,
+    but a model loaded with ``gguf_file=`` refuses ``.to(dtype)``): the same weights in a plain model."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return model
+    plain = type(model)(model.config)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = runner.make_parser("python -m benchmarks.cross_dtype_load", __doc__, common=True)
     parser.add_argument("--model", choices=tuple(TARGETS), default="minilm")
     args, _ = runner.start(parser, argv)
-    base = _model(args.model, args.tiny).float().eval()
+    base = _castable(_model(args.model, args.tiny)).float().eval()
     targets = ["q_proj", "v_proj"] if args.tiny else TARGETS[args.model]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fk.FRoDCategoryWarning)
