@@ -159,7 +159,7 @@ def _add_gram_upper_(acc: torch.Tensor, a: torch.Tensor, blocks: int = 4) -> tor
 
     The Gram matrix is symmetric, so the column blocks j ≥ i of block row i determine it: ``blocks``
     GEMMs of (n/b × m)·(m × n − i·n/b) do (b + 1)/(2b) of a full product's multiply-adds (0.625 at
-    b = 4; 0.64–0.77 of its time on 2 CPU cores). ``_mirror_upper`` completes it."""
+    b = 4). ``_mirror_upper`` completes it."""
     n = a.shape[1]
     edges = [round(i * n / blocks) for i in range(blocks + 1)]
     for lo, hi in itertools.pairwise(edges):
@@ -229,11 +229,9 @@ def condition_number(V: torch.Tensor, V_inv: torch.Tensor, steps: int = 30) -> f
 # An adapter's record of its basis: V at this many rows (``record_rows``).
 _RECORD_ROWS = 64
 # Alignment to a record: each recorded column is fitted by the rebuilt columns this many places
-# either side of it. Eigenvectors mix with their neighbours in eigenvalue order (up to 6 columns
-# apart for MiniLM's weights rounded to bfloat16, further in wide clusters). What the record buys is
-# measured by benchmarks/cross_dtype_load.py (docs/hardening.md §1): with every row of V (n² numbers)
-# a bfloat16 load of a float32 MiniLM adapter would match a plainly cast model; 64 rows and a reach
-# of 16 keep the record at 64·n numbers per category.
+# either side of it: eigenvectors mix with their neighbours in eigenvalue order. What the record
+# buys is measured by benchmarks/cross_dtype_load.py (docs/hardening.md §1); 64 rows and a reach of
+# 16 keep the record at 64·n numbers per category.
 _ALIGN_REACH = 16
 
 
