@@ -15,8 +15,9 @@ Reported per way: the error of the model's output (the encoder's last hidden sta
 logits, for 4 × 32 token ids) against the trained float32 model, relative to the adapter's effect:
 ‖y − y_trained‖_F / ‖y_trained − y_base‖_F (1.0: as far off as the adapter's whole effect); and
 aligned / cast. Per category, for the unaligned load: how many columns of the rebuilt V point the
-other way from the trained V's (a negative dot product). ``--tiny``: a 2-layer random Llama (the
-smoke test; its numbers mean little).
+other way from the trained V's (a negative dot product); and the categories a load without
+``allow_other_base=True`` would refuse (V not matched within 64 ε of its record). ``--tiny``: a
+2-layer random Llama (the smoke test; its numbers mean little).
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def measure(make, targets: list[str], vocab: int) -> dict:
 
             rows = {}
             for dtype in LOAD_DTYPES:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", fk.FRoDBaseMismatchWarning)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", fk.FRoDBaseMismatchWarning)
                     aligned = fk.load_frod(make().to(dtype), aligned_file, allow_other_base=True)
                 unaligned = fk.load_frod(make().to(dtype), unaligned_file)
                 row = {
@@ -106,6 +107,9 @@ def measure(make, targets: list[str], vocab: int) -> dict:
                     "aligned": error(aligned),
                     "unaligned": error(unaligned),
                     "flipped_columns_unaligned": _flipped(trained, unaligned),
+                    # what a load without allow_other_base=True refuses: a V the record cannot be matched in
+                    "refused_by_default": [str(w.message).split("'")[1] for w in caught
+                                           if issubclass(w.category, fk.FRoDBaseMismatchWarning)],
                 }
                 row["aligned_over_cast"] = row["aligned"] / row["cast"]
                 rows[str(dtype).removeprefix("torch.")] = row
@@ -142,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for dtype, row in next(iter(rows.values())).items():
         flips = ", ".join(f"{name}: {count}" for name, count in row["flipped_columns_unaligned"].items())
         lines.append(f"columns of V flipped when rebuilt in {dtype}, unaligned: {flips}")
+    refused = sorted({name for by_dtype in rows.values() for row in by_dtype.values()
+                      for name in row["refused_by_default"]})
+    lines.append(f"categories a load without allow_other_base=True refuses: {', '.join(refused) or 'none'}")
     runner.report(args, result, "\n".join(lines))
 
 
