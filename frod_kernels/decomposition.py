@@ -279,6 +279,7 @@ def _align_to_record(e: torch.Tensor, v_rows: torch.Tensor, record: torch.Tensor
     if _drift(v_rows, want) <= tolerance:
         return e
     n, width = e.shape[1], min(_ALIGN_REACH, (v_rows.shape[0] - 1) // 2)
+    v_rows, want = v_rows.cpu(), want.cpu()  # the fit is small, and gelsd runs on the CPU only
     if v_rows.shape[0] == n:  # every row recorded (n ≤ 64): the whole fit, which a degenerate T needs
         a = torch.linalg.lstsq(v_rows, want).solution  # (L = 2 layers with L·o = n make T ∝ I)
     else:
@@ -288,11 +289,11 @@ def _align_to_record(e: torch.Tensor, v_rows: torch.Tensor, record: torch.Tensor
         windows = padded.unfold(1, 2 * width + 1, 1).permute(1, 0, 2)  # (n, k, 2w + 1)
         # gelsd: the windows at the edges hold zero columns (rank-deficient); the default driver returns 0 there
         coefficients = torch.linalg.lstsq(windows, want.mT.unsqueeze(2), driver="gelsd").solution.squeeze(2)
-        offsets = torch.arange(n, device=e.device).unsqueeze(1) + torch.arange(2 * width + 1, device=e.device)
-        band = torch.zeros(n, n + 2 * width, dtype=e.dtype, device=e.device).scatter_(1, offsets, coefficients)
+        offsets = torch.arange(n).unsqueeze(1) + torch.arange(2 * width + 1)
+        band = torch.zeros(n, n + 2 * width, dtype=e.dtype).scatter_(1, offsets, coefficients)
         a = band[:, width:n + width].mT  # A[i, j] = coefficient of rebuilt column i in recorded column j
     u, _, vh = torch.linalg.svd(a)
-    return e @ (u @ vh)  # the orthogonal matrix nearest A (polar factor): E·A stays orthogonal
+    return e @ (u @ vh).to(e.device)  # the orthogonal matrix nearest A (polar factor): E·A stays orthogonal
 
 
 def joint_decompose(
