@@ -29,7 +29,9 @@ def frod_entries_of_merged(
             layer's entries are then dropped, so the layer is left as it was.
 
     W' must match within 2 ulp of its largest entry: equal on the same machine, while another BLAS
-    may round the float64 product differently; a checkpoint of another base is far outside that.
+    may round the float64 product differently; a checkpoint of another base is far outside that, and
+    so is a basis whose eigenvectors came out with other signs or rotations (docs/design.md §2,
+    "Versioning"), which only ``load_frod`` of the checkpoint's adapter can align.
     """
     own = {key: value for key, value in state_dict.items()
            if key.startswith(prefix) and "." not in key[len(prefix):] and key != prefix + MERGED_MARKER}
@@ -51,7 +53,9 @@ def frod_entries_of_merged(
         if not torch.allclose(got, expected, rtol=0.0, atol=atol):
             error_msgs.append(
                 f"{where}: the checkpoint's merged weight is not this layer's base weight with the checkpoint's "
-                f"delta and sparse_values: it was written from another base model (load it into that base)"
+                f"delta and sparse_values: it was written from another base model (load it into that base), or "
+                f"this layer's basis came out otherwise here (another machine, or the base in another dtype: "
+                f"load_frod(base_model, checkpoint_dir) aligns the basis to the adapter saved beside it)"
             )
             return {}  # nothing of it: the layer keeps its W, δ and s (load_state_dict raises afterwards)
     if base is None:

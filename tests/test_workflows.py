@@ -488,6 +488,24 @@ def test_a_model_with_its_own_layers_is_realigned_and_a_refusal_undoes_it(tmp_pa
     assert _rel(_logits(mine), _logits(model)) < 1e-5
 
 
+def test_a_merged_checkpoint_into_a_basis_that_came_out_otherwise(tmp_path, monkeypatch):
+    """A Trainer checkpoint resumed where eigh flips a column: load_state_dict refuses, naming the cause and
+    the way out; load_frod of the same directory aligns the basis to the adapter saved beside it."""
+    model = _frod_llama()
+    randomise_frod(model, 1e-1)
+    model.save_pretrained(tmp_path / "ckpt")
+    with monkeypatch.context() as patch:
+        _other_machine(patch, flip=[2])
+        mine = _frod_llama()
+    from safetensors.torch import load_file
+
+    with pytest.raises(RuntimeError, match="came out otherwise here"):
+        mine.load_state_dict(load_file(str(tmp_path / "ckpt" / "model.safetensors")), strict=False)
+    with monkeypatch.context() as patch:
+        _other_machine(patch, flip=[2])
+        assert torch.equal(_logits(fk.load_frod(_llama(), tmp_path / "ckpt")), _logits(model))
+
+
 def test_a_damaged_record_is_refused(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
