@@ -53,7 +53,7 @@ def _set_adapter(model: nn.Module, scale: float, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
 
 
-def _without_record(path: Path, out: Path) -> None:
+def as_format_3(path: Path, out: Path) -> None:
     """The adapter as format 3 wrote it: no record of V."""
     from safetensors.torch import load_file, safe_open, save_file
 
@@ -89,7 +89,7 @@ def measure(make, targets: list[str], vocab: int) -> dict:
             fk.apply_frod(trained, fk.FRoDConfig(targets))
             _set_adapter(trained, scale)
             fk.save_frod(trained, aligned_file)
-            _without_record(aligned_file, unaligned_file)
+            as_format_3(aligned_file, unaligned_file)
             want = _output(trained, ids)
             effect = float((want - base_out).norm())
 

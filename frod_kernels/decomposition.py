@@ -249,8 +249,7 @@ def basis_drift(V: torch.Tensor, record: torch.Tensor) -> float:
     """max_j ‖V[rows, j] − record[:, j]‖ / rms_j ‖record[:, j]‖ (float64): how far V's columns are from a
     record, each against the typical column (a column of V weighs its direction in U·M·Vᵀ, so a small
     one's error counts at its size)."""
-    got = V.detach()[record_rows(V.shape[0]).to(V.device)].double().cpu()
-    return _drift(got, record.double())
+    return _drift(basis_record(V).double(), record.double())
 
 
 def _drift(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -344,9 +343,10 @@ def joint_decompose(
     else:
         e = torch.linalg.eigh(_mean_regularised_inverse(qs, reg)).eigenvectors
     if align_to is not None:
-        if tuple(align_to.shape) != (len(record_rows(n)), n):
-            raise ValueError(f"align_to has shape {tuple(align_to.shape)}, expected {(len(record_rows(n)), n)}")
-        v_rows = _times_power_of_two_(r[:, record_rows(n).to(r.device)].mT @ e, exponent)
+        rows = record_rows(n).to(r.device)
+        if tuple(align_to.shape) != (len(rows), n):
+            raise ValueError(f"align_to has shape {tuple(align_to.shape)}, expected {(len(rows), n)}")
+        v_rows = _times_power_of_two_(r[:, rows].mT @ e, exponent)
         e = _align_to_record(e, v_rows, align_to.to(e.device), drift_tolerance(dtype, align_to.dtype))
     v = r.mT @ e
 

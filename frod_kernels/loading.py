@@ -91,11 +91,16 @@ def _rebuild_plan(path: Path, lost: dict[str, tuple[FRoDBasis, list[FRoDLayer]]]
                     f"category {name!r}: its basis was lost to to('meta')/to_empty() and cannot be rebuilt: {reason} "
                     f"(load the base weights into the model before load_frod)"
                 )
-        weights = [layer.base_weight for layer in layers]
-        plan.append((basis, layers, joint_decompose(weights, reg=basis.reg, name=name,
-                                                    inverse=layers[0].mode == "input",
-                                                    align_to=cats.get(name, {}).get("record"))))
+        plan.append(_decompose_again(name, basis, layers, cats.get(name, {}).get("record")))
     return plan
+
+
+def _decompose_again(name: str, basis: FRoDBasis, layers: list[FRoDLayer], record: torch.Tensor | None):
+    """(basis, layers, JointBasis) of the category decomposed from its layers' current W, aligned to
+    ``record`` when there is one: one entry of a plan for ``_install``."""
+    weights = [layer.base_weight for layer in layers]
+    return basis, layers, joint_decompose(weights, reg=basis.reg, name=name, inverse=layers[0].mode == "input",
+                                          align_to=record)
 
 
 def _install(plan) -> None:
@@ -120,9 +125,7 @@ def _realign_plan(cats: dict[str, dict], model: nn.Module):
         if (record is None or basis.source != "joint_decompose" or group[0].mode == "factored"
                 or basis_drift(basis.V, record) <= drift_tolerance(basis.precision, record.dtype)):
             continue
-        weights = [layer.base_weight for layer in group]
-        plan.append((basis, group, joint_decompose(weights, reg=basis.reg, name=name, inverse=group[0].mode == "input",
-                                                   align_to=record)))
+        plan.append(_decompose_again(name, basis, group, record))
     return plan
 
 

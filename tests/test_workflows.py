@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import frod_kernels as fk
+from benchmarks.cross_dtype_load import as_format_3
 from frod_kernels.targets import frod_categories, frod_layers
 
 from _problems import randomise_frod, tiny_bert
@@ -409,22 +410,6 @@ def _other_machine(monkeypatch, flip=(), mix=()):
     monkeypatch.setattr(torch.linalg, "eigh", eigh)
 
 
-def _as_format_3(path, out):
-    """The adapter at ``path`` as format 3 wrote it: no record of V."""
-    import json
-
-    from safetensors.torch import load_file, safe_open, save_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    cats = json.loads(meta["categories"])
-    tensors = load_file(str(path))
-    for cat in cats.values():
-        del tensors[cat.pop("record")]
-    meta.update(version="3", categories=json.dumps(cats))
-    save_file(tensors, str(out), metadata=meta)
-
-
 @pytest.mark.parametrize("mode,hidden", [("additive", 48), ("input", 48), ("additive", 96)])
 def test_a_rebuilt_basis_is_aligned_to_the_adapters(tmp_path, monkeypatch, mode, hidden):
     """eigh's sign and the rotation of nearly equal eigenvalues' eigenvectors are not functions of the weights:
@@ -434,7 +419,7 @@ def test_a_rebuilt_basis_is_aligned_to_the_adapters(tmp_path, monkeypatch, mode,
     fk.apply_frod(model, fk.FRoDConfig(TARGETS, mode=mode))
     randomise_frod(model, 1e-1)
     fk.save_frod(model, tmp_path / "a.safetensors")
-    _as_format_3(tmp_path / "a.safetensors", tmp_path / "v3.safetensors")
+    as_format_3(tmp_path / "a.safetensors", tmp_path / "v3.safetensors")
     want = _logits(model)
     with monkeypatch.context() as patch:
         _other_machine(patch, flip=[0, 5, 47])
