@@ -22,8 +22,11 @@ end: weights of size 1e±200 neither overflow the Gram matrix nor underflow it, 
 errors are those of the well-scaled problem.
 
 Cost (docs/design.md §2, "Cost"): the weights are stacked into one (L·o × n) float64 matrix, so
-that steps 1, 2 and 6 are one large product each; the symmetric products (C, Q_iᵀQ_i, the
-Woodbury term) compute their upper block triangle only (``_gram``: 5/8 of a GEMM). The per-layer
+that steps 1, 2 and 6 are one large product each; the symmetric products (C, G_i = W_iᵀW_i,
+Q_iᵀQ_i, the Woodbury term) compute their upper block triangle only (``_gram``: 5/8 of a GEMM).
+When o ≥ n and C is well conditioned (cond(C) ≤ 1e6), steps 2, 3 and 6 never form Q_i (the Gram
+form): Q_iᵀQ_i + αI = R⁻ᵀ(G_i + αC)R⁻¹, so T = R·[(1/L) Σ (G_i + αC)⁻¹]·Rᵀ, and
+B_i = W_i·(R⁻¹E). Same maths; its rounding grows with cond(C), hence the bound. The per-layer
 reconstruction error ‖W_i − U_i diag(λ_i) Vᵀ‖_F / ‖W_i‖_F is estimated on a fixed probe P (n × 16,
 standard normal) as ‖(W_i − U_i diag(λ_i) Vᵀ)·P‖_F / ‖W_i·P‖_F: E‖A·P‖_F² = 16·‖A‖_F², so this
 is the Frobenius ratio to within a small factor, for o·n·16 multiply-adds instead of o·n².
@@ -65,6 +68,9 @@ _JITTER_START = 1e-12
 # The largest jitter tried, as a fraction of the Gram matrix's mean diagonal: beyond it the basis
 # would describe the jitter more than the weights.
 _JITTER_MAX = 1e-2
+# The Gram form of T rounds to about ε·cond(C) relative (the Q form to about ε): above this condition
+# number of the Gram sum (10⁶: a deviation ~1e-9, far below a float32 ulp) the Q form is used.
+_GRAM_FORM_MAX_CONDITION = 1e6
 
 # Bump when a change to the maths gives a different basis for the same weights.
 ALGORITHM_VERSION = 1
@@ -130,7 +136,9 @@ def check_weights(weights: Sequence[torch.Tensor]) -> float:
 
 
 def _cholesky_upper(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(R, j): upper R with gram + j·mean(diag(gram))·I = Rᵀ R, j escalated from 0 until R is sound."""
+    """(R, j): upper R with gram + j·mean(diag(gram))·I = Rᵀ R, j escalated from 0 until R is sound.
+
+    The jitter is added to ``gram`` in place once R is found, so that gram = Rᵀ R afterwards."""
     n = gram.shape[0]
     scale = float(gram.diagonal().mean()) or 1.0
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
@@ -140,6 +148,7 @@ def _cholesky_upper(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
         if int(info) == 0:
             pivots = low.diagonal()
             if float(pivots.min()) > _PIVOT_RATIO * float(pivots.max()):
+                gram.diagonal().add_(jitter)
                 return low.mT, jitter / scale
         jitter = _JITTER_START * scale if jitter == 0.0 else jitter * 100.0
     raise ValueError(
@@ -176,6 +185,20 @@ def _mirror_upper(acc: torch.Tensor) -> torch.Tensor:
 def _gram(a: torch.Tensor) -> torch.Tensor:
     """aᵀ·a (n × n, symmetric) of a (m × n) with about 5/8 of a GEMM's multiply-adds."""
     return _mirror_upper(_add_gram_upper_(a.new_zeros(a.shape[1], a.shape[1]), a))
+
+
+def _mean_regularised_inverse_of_grams(grams: Sequence[torch.Tensor], c: torch.Tensor, r: torch.Tensor,
+                                       reg: float) -> torch.Tensor:
+    """T = (1/L) Σ (Q_iᵀ Q_i + α I)⁻¹ from the Gram matrices G_i = W_iᵀ W_i, without forming Q_i = W_i R⁻¹.
+
+    Q_iᵀ Q_i + α I = R⁻ᵀ (G_i + α C) R⁻¹ with C = Rᵀ R, so T = R · [(1/L) Σ (G_i + α C)⁻¹] · Rᵀ: one
+    Cholesky inverse of an n × n matrix per layer, as the Q form, but no o × n solve or product. Its
+    rounding grows with cond(C) (the Q form's does not): ``joint_decompose`` uses it only for a
+    well-conditioned C. The G_i are overwritten."""
+    acc = torch.zeros_like(c)
+    for g in grams:
+        acc += torch.cholesky_inverse(torch.linalg.cholesky(g.add_(c, alpha=reg)))
+    return r @ acc.div_(len(grams)) @ r.mT
 
 
 def _mean_regularised_inverse(qs: Sequence[torch.Tensor], reg: float) -> torch.Tensor:
@@ -325,23 +348,34 @@ def joint_decompose(
     # Power-of-two scaling is exact: 2^e·(W/2^e) = W bit for bit (see the module docstring).
     exponent = math.frexp(peak)[1]
     count, (o, n) = len(weights), weights[0].shape
-    # The L weights stacked as one (L·o × n) float64 matrix: the Gram sum, the triangular solve and
-    # B = Q·E are then one large product each, and W's buffer is reused for B.
+    # The L weights stacked as one (L·o × n) float64 matrix: the Gram sum (Q form), the triangular
+    # solve and B = W·R⁻¹·E or Q·E are then one large product each.
     stack = torch.empty(count * o, n, dtype=torch.float64, device=weights[0].device)
-    for layer, w in zip(stack.split(o), weights, strict=True):
+    layers = stack.split(o)
+    for layer, w in zip(layers, weights, strict=True):
         layer.copy_(w.detach())
     _times_power_of_two_(stack, -exponent)
     probe = _error_probe(n, stack.device)
     w_probe = (stack @ probe).view(count, o, -1)  # W_i·P, kept for the error estimate
     norms_probe = torch.linalg.matrix_norm(w_probe).clamp_min(1e-300)
 
-    r, jitter = _cholesky_upper(_gram(stack))
-    q = torch.linalg.solve_triangular(r, stack, upper=True, left=False)  # Q_i = W_i·R⁻¹, all layers at once
-    qs = q.split(o)
-    if count == 1:
-        e = torch.eye(n, dtype=r.dtype, device=r.device)  # T ∝ I: E = I, V = Rᵀ, U = Q
+    # o ≥ n: T from the per-layer Gram matrices (the Gram form), if C is well conditioned; else (o < n,
+    # one layer, or an ill-conditioned C) from Q = W·R⁻¹ (the Q form). Same maths, cheaper products.
+    grams = [_gram(layer) for layer in layers] if count > 1 and o >= n else []
+    c = sum(grams[1:], grams[0].clone()) if grams else _gram(stack)
+    r, jitter = _cholesky_upper(c)
+    eye = torch.eye(n, dtype=r.dtype, device=r.device)
+    r_inv = torch.linalg.solve_triangular(r, eye, upper=True) if grams else None
+    if r_inv is not None and condition_number(r, r_inv) ** 2 <= _GRAM_FORM_MAX_CONDITION:
+        q = None
+        e = torch.linalg.eigh(_mean_regularised_inverse_of_grams(grams, c, r, reg)).eigenvectors
     else:
-        e = torch.linalg.eigh(_mean_regularised_inverse(qs, reg)).eigenvectors
+        q = torch.linalg.solve_triangular(r, stack, upper=True, left=False)  # Q_i = W_i·R⁻¹, all layers at once
+        if count == 1:
+            e = eye  # T ∝ I: E = I, V = Rᵀ, U = Q
+        else:
+            e = torch.linalg.eigh(_mean_regularised_inverse(q.split(o), reg)).eigenvectors
+    del grams, c
     if align_to is not None:
         rows = record_rows(n).to(r.device)
         if tuple(align_to.shape) != (len(rows), n):
@@ -349,8 +383,13 @@ def joint_decompose(
         v_rows = _times_power_of_two_(r[:, rows].mT @ e, exponent)
         e = _align_to_record(e, v_rows, align_to.to(e.device), drift_tolerance(dtype, align_to.dtype))
     v = r.mT @ e
-
-    b = (torch.mm(q, e, out=stack) if count > 1 else q).view(count, o, n)  # B_i = Q_i·E
+    if q is None:
+        r_inv_e = r_inv @ e  # R⁻¹·E, also V⁻¹'s transpose
+        b = torch.mm(stack, r_inv_e).view(count, o, n)  # B_i = W_i·R⁻¹·E
+        del stack
+    else:
+        r_inv_e = None
+        b = (torch.mm(q, e, out=stack) if count > 1 else q).view(count, o, n)  # B_i = Q_i·E, into W's buffer
     lam = torch.linalg.vector_norm(b, dim=1)  # (L, n): λ_i = column norms of B_i
     u = b.div_(torch.where(lam > 0, lam, torch.ones_like(lam)).unsqueeze(1))  # a zero column stays zero
     # ‖(W_i − U_i·diag(λ_i)·Vᵀ)·P‖_F / ‖W_i·P‖_F on the fixed probe: the relative reconstruction
@@ -367,7 +406,9 @@ def joint_decompose(
         raise ValueError(f"cannot decompose: the shared basis V overflows {dtype} (weights too large for it)")
     v_inv = None
     if inverse:  # V was scaled by 2^e, so V⁻¹ by 2^-e (exact)
-        v_inv = _times_power_of_two_(torch.linalg.solve_triangular(r, e, upper=True).mT, -exponent).to(dtype)
+        if r_inv_e is None:
+            r_inv_e = torch.linalg.solve_triangular(r, e, upper=True)
+        v_inv = _times_power_of_two_(r_inv_e.mT, -exponent).to(dtype)
         if not bool(torch.isfinite(v_inv).all()):
             raise ValueError(f"cannot decompose: V⁻¹ overflows {dtype} (weights too small for it)")
     elapsed = time.perf_counter() - started
