@@ -93,12 +93,15 @@ def _categories(model: torch.nn.Module) -> list[list[torch.Tensor]]:
 
 def _multiply_adds(layers: int, o: int, n: int) -> float:
     """Multiply-adds of joint_decompose's per-layer products for L layers (o, n) (docs/design.md §2,
-    "Cost"): the Gram term (a symmetric product, 5/8 of o·n²), Q_i (a triangular solve: half), B_i =
-    Q_i·E (o·n²), the probe error estimate (32·o·n), and T's term: Q_iᵀQ_i (5/8·o·n²) and its
-    Cholesky inverse (o ≥ n), or Q_iQ_iᵀ (5/8·o²·n), Z_i = K_i⁻¹Q_i (½·o²·n) and Z_iᵀZ_i (5/8·o·n²)
-    (o < n). The few n³ steps done once per category (Cholesky, eigh, V) are left out."""
-    t_term = 0.625 * o * n * n + n**3 if o >= n else 1.125 * o * o * n + 0.625 * o * n * n
-    return layers * (2.125 * o * n * n + 32 * o * n + t_term)
+    "Cost"), with the probe error estimate (32·o·n) in both forms. o ≥ n, the Gram form (taken for a
+    well-conditioned Gram sum, as these weights have): G_i = W_iᵀW_i (a symmetric product, 5/8 of
+    o·n²), B_i = W_i·(R⁻¹E) (o·n²) and the Cholesky factor and inverse of G_i + α·RᵀR (n³/6 + n³/3).
+    o < n, the Q form: the Gram term (5/8·o·n²), Q_i (a triangular solve: half), B_i = Q_i·E (o·n²),
+    Q_iQ_iᵀ (5/8·o²·n), Z_i = K_i⁻¹Q_i (½·o²·n) and Z_iᵀZ_i (5/8·o·n²). The few n³ steps done once
+    per category (Cholesky, R⁻¹, eigh, V) are left out."""
+    if o >= n:
+        return layers * (1.625 * o * n * n + n**3 / 2 + 32 * o * n)
+    return layers * (2.75 * o * n * n + 1.125 * o * o * n + 32 * o * n)
 
 
 def _floor(categories: list[list[torch.Tensor]], symmetric: list[torch.Tensor]) -> None:

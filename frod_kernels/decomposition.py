@@ -349,7 +349,7 @@ def joint_decompose(
     exponent = math.frexp(peak)[1]
     count, (o, n) = len(weights), weights[0].shape
     # The L weights stacked as one (L·o × n) float64 matrix: the Gram sum (Q form), the triangular
-    # solve and B = W·R⁻¹·E or Q·E are then one large product each.
+    # solve and B = Q·E are then one large product each, and B is written into W's buffer.
     stack = torch.empty(count * o, n, dtype=torch.float64, device=weights[0].device)
     layers = stack.split(o)
     for layer, w in zip(layers, weights, strict=True):
@@ -385,8 +385,10 @@ def joint_decompose(
     v = r.mT @ e
     if q is None:
         r_inv_e = r_inv @ e  # R⁻¹·E, also V⁻¹'s transpose
-        b = torch.mm(stack, r_inv_e).view(count, o, n)  # B_i = W_i·R⁻¹·E
-        del stack
+        product = torch.empty(o, n, dtype=stack.dtype, device=stack.device)
+        for layer in layers:  # B_i = W_i·R⁻¹·E into W_i's rows: no second stack (peak memory)
+            layer.copy_(torch.mm(layer, r_inv_e, out=product))
+        b = stack.view(count, o, n)
     else:
         r_inv_e = None
         b = (torch.mm(q, e, out=stack) if count > 1 else q).view(count, o, n)  # B_i = Q_i·E, into W's buffer
