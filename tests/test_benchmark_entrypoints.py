@@ -197,6 +197,15 @@ def test_input_form_step_tiny(tmp_path):
     assert set(result["shapes"]["square"]["decode"]) == {"cached", "uncached"}
 
 
+def test_gram_form_tiny(tmp_path):
+    proc = _script(["-m", "benchmarks.gram_form", "--tiny", "--json", str(tmp_path / "gram.json")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cats = json.loads((tmp_path / "gram.json").read_text())["categories"]
+    assert len(cats) == 7  # q, k, v, o, gate, up, down; every Gram sum here is well conditioned
+    assert all(c["form"] == ("gram" if c["out_features"] >= c["in_features"] else "q") for c in cats.values())
+    assert all(c["max_column_difference"] < 1e-6 for c in cats.values())
+
+
 def test_input_form_error_tiny(tmp_path):
     proc = _script(["-m", "benchmarks.input_form_error", "--tiny", "--json", str(tmp_path / "err.json")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
