@@ -22,8 +22,9 @@ end: weights of size 1e±200 neither overflow the Gram matrix nor underflow it, 
 errors are those of the well-scaled problem.
 
 Cost (docs/design.md §2, "Cost"): the weights are stacked into one (L·o × n) float64 matrix, so
-that steps 1, 2 and 6 are one large product each; the symmetric products (C, G_i = W_iᵀW_i,
-Q_iᵀQ_i, the Woodbury term) compute their upper block triangle only (``_gram``: 5/8 of a GEMM).
+that steps 1 and 2 are one large product each (step 6 runs a layer at a time, in cache); the
+symmetric products (C, G_i = W_iᵀW_i, Q_iᵀQ_i, the Woodbury term) compute their upper block
+triangle only (``_gram``: 5/8 of a GEMM).
 When o ≥ n and C is well conditioned (cond(C) ≤ 1e6), steps 2, 3 and 6 never form Q_i (the Gram
 form): Q_iᵀQ_i + αI = R⁻ᵀ(G_i + αC)R⁻¹, so T = R·[(1/L) Σ (G_i + αC)⁻¹]·Rᵀ, and
 B_i = W_i·(R⁻¹E). Same maths; its rounding grows with cond(C), hence the bound. The per-layer
@@ -158,7 +159,10 @@ def _cholesky_upper(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def _times_power_of_two_(t: torch.Tensor, exponent: int) -> torch.Tensor:
-    """t·2^exponent in place, exact: two factors, so that neither 2^±e/2 over- nor underflows (|e| ≤ 1074)."""
+    """t·2^exponent in place, exact: one factor where 2^exponent is a normal float64 (|e| ≤ 1022), else
+    two, so that neither 2^±e/2 over- nor underflows (|e| ≤ 1074)."""
+    if abs(exponent) <= 1022:
+        return t.mul_(2.0**exponent)
     half = exponent // 2
     return t.mul_(2.0**half).mul_(2.0 ** (exponent - half))
 
@@ -348,8 +352,8 @@ def joint_decompose(
     # Power-of-two scaling is exact: 2^e·(W/2^e) = W bit for bit (see the module docstring).
     exponent = math.frexp(peak)[1]
     count, (o, n) = len(weights), weights[0].shape
-    # The L weights stacked as one (L·o × n) float64 matrix: the Gram sum (Q form), the triangular
-    # solve and B = Q·E are then one large product each, and B is written into W's buffer.
+    # The L weights stacked as one (L·o × n) float64 matrix: the Gram sum (Q form) and the triangular
+    # solve are then one large product each.
     stack = torch.empty(count * o, n, dtype=torch.float64, device=weights[0].device)
     layers = stack.split(o)
     for layer, w in zip(layers, weights, strict=True):
@@ -383,25 +387,27 @@ def joint_decompose(
         v_rows = _times_power_of_two_(r[:, rows].mT @ e, exponent)
         e = _align_to_record(e, v_rows, align_to.to(e.device), drift_tolerance(dtype, align_to.dtype))
     v = r.mT @ e
-    if q is None:
-        r_inv_e = r_inv @ e  # R⁻¹·E, also V⁻¹'s transpose
-        product = torch.empty(o, n, dtype=stack.dtype, device=stack.device)
-        for layer in layers:  # B_i = W_i·R⁻¹·E into W_i's rows: no second stack (peak memory)
-            layer.copy_(torch.mm(layer, r_inv_e, out=product))
-        b = stack.view(count, o, n)
-    else:
-        r_inv_e = None
-        b = (torch.mm(q, e, out=stack) if count > 1 else q).view(count, o, n)  # B_i = Q_i·E, into W's buffer
-    lam = torch.linalg.vector_norm(b, dim=1)  # (L, n): λ_i = column norms of B_i
-    u = b.div_(torch.where(lam > 0, lam, torch.ones_like(lam)).unsqueeze(1))  # a zero column stays zero
-    # ‖(W_i − U_i·diag(λ_i)·Vᵀ)·P‖_F / ‖W_i·P‖_F on the fixed probe: the relative reconstruction
-    # error of each layer, estimated with o·n·k multiply-adds instead of o·n² (module docstring).
-    recon_probe = torch.bmm(u, lam.unsqueeze(2) * (v.mT @ probe))  # U_i·(diag(λ_i)·Vᵀ·P)
-    errors = (torch.linalg.matrix_norm(w_probe - recon_probe) / norms_probe).tolist()
+    # B_i = W_i·(R⁻¹E) in the Gram form, Q_i·E in the Q form (Q_i itself when E = I), one layer at a
+    # time into one o × n buffer; λ_i, U_i, the error estimate and the storage copy follow while B_i is
+    # in cache.
+    r_inv_e = r_inv @ e if q is None else None  # R⁻¹·E, also V⁻¹'s transpose
+    sources, right = (layers, r_inv_e) if q is None else (q.split(o), None if count == 1 else e)
+    product = torch.empty(o, n, dtype=torch.float64, device=r.device) if right is not None else None
+    vt_probe = v.mT @ probe  # Vᵀ·P
+    us, lams, probe_errors = [], [], []
+    for source, layer_probe in zip(sources, w_probe, strict=True):
+        b = source if right is None else torch.mm(source, right, out=product)
+        lam = torch.linalg.vector_norm(b, dim=0)  # λ_i = column norms of B_i
+        u = b.div_(torch.where(lam > 0, lam, torch.ones_like(lam)))  # a zero column stays zero
+        # ‖(W_i − U_i·diag(λ_i)·Vᵀ)·P‖_F on the fixed probe (o·n·k multiply-adds instead of o·n²)
+        probe_errors.append(torch.linalg.matrix_norm(layer_probe - u @ (lam.unsqueeze(1) * vt_probe)))
+        us.append(u.to(dtype, copy=True))  # a copy: the buffer is the next layer's
+        lams.append(lam)
+    lam = torch.stack(lams)  # (L, n)
+    errors = (torch.stack(probe_errors) / norms_probe).tolist()
     # U_i is finite iff λ_i is: a NaN or Inf in column j of B_i makes λ_i[j] = ‖B_i[:, j]‖ NaN or
     # Inf, and a finite λ_i[j] bounds |U_i[:, j]| by 1. So L·n numbers are checked, not L·o·n.
     finite = bool(torch.isfinite(lam).all())
-    us = [layer.to(dtype, copy=True) for layer in u]  # copies: no U_i shares the stack's storage
     lams = [layer.to(dtype, copy=True) for layer in lam]
     stored = _times_power_of_two_(v, exponent).to(dtype)
     if not (finite and bool(torch.isfinite(stored).all())):
