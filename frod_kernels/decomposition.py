@@ -394,7 +394,7 @@ def joint_decompose(
     sources, right = (layers, r_inv_e) if q is None else (q.split(o), None if count == 1 else e)
     product = torch.empty(o, n, dtype=torch.float64, device=r.device) if right is not None else None
     vt_probe = v.mT @ probe  # Vᵀ·P
-    us, lams, probe_errors = [], [], []
+    us, lam_rows, probe_errors = [], [], []
     for source, layer_probe in zip(sources, w_probe, strict=True):
         b = source if right is None else torch.mm(source, right, out=product)
         lam = torch.linalg.vector_norm(b, dim=0)  # λ_i = column norms of B_i
@@ -402,8 +402,8 @@ def joint_decompose(
         # ‖(W_i − U_i·diag(λ_i)·Vᵀ)·P‖_F on the fixed probe (o·n·k multiply-adds instead of o·n²)
         probe_errors.append(torch.linalg.matrix_norm(layer_probe - u @ (lam.unsqueeze(1) * vt_probe)))
         us.append(u.to(dtype, copy=True))  # a copy: the buffer is the next layer's
-        lams.append(lam)
-    lam = torch.stack(lams)  # (L, n)
+        lam_rows.append(lam)
+    lam = torch.stack(lam_rows)  # (L, n), float64
     errors = (torch.stack(probe_errors) / norms_probe).tolist()
     # U_i is finite iff λ_i is: a NaN or Inf in column j of B_i makes λ_i[j] = ‖B_i[:, j]‖ NaN or
     # Inf, and a finite λ_i[j] bounds |U_i[:, j]| by 1. So L·n numbers are checked, not L·o·n.
