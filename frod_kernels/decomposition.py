@@ -374,7 +374,9 @@ def joint_decompose(
         q = None
         e = torch.linalg.eigh(_mean_regularised_inverse_of_grams(grams, c, r, reg)).eigenvectors
     else:
-        q = torch.linalg.solve_triangular(r, stack, upper=True, left=False)  # Q_i = W_i·R⁻¹, all layers at once
+        # Q_i = W_i·R⁻¹, all layers at once, in place of the stack: no second (L·o × n) copy, and Q stays
+        # row-major for the per-layer products (an out-of-place solve returns it column-major)
+        q = torch.linalg.solve_triangular(r, stack, upper=True, left=False, out=stack)
         if count == 1:
             e = eye  # T ∝ I: E = I, V = Rᵀ, U = Q
         else:

@@ -206,6 +206,17 @@ def test_gram_form_tiny(tmp_path):
     assert all(c["max_column_difference"] < 1e-6 for c in cats.values())
 
 
+def test_basis_shift_tiny(tmp_path):
+    proc = _script(["-m", "benchmarks.basis_shift", "--against", "HEAD", "--tiny", "--json", str(tmp_path / "s.json")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cats = json.loads((tmp_path / "s.json").read_text())["categories"]
+    assert len(cats) == 7
+    unchanged = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "frod_kernels/decomposition.py"],
+                               cwd=ROOT).returncode == 0
+    if unchanged:  # the same code twice: the same bits
+        assert all(c["equal"] and c["sign_flips"] == 0 and c["max_column_difference"] == 0 for c in cats.values())
+
+
 def test_input_form_error_tiny(tmp_path):
     proc = _script(["-m", "benchmarks.input_form_error", "--tiny", "--json", str(tmp_path / "err.json")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
