@@ -81,7 +81,7 @@ ALGORITHM_VERSION = 1
 class JointBasis:
     """The shared basis of one category: W_i = U[i] · diag(lam[i]) · Vᵀ.
 
-    V: (n, n) shared basis.  U: L tensors (o, n) with unit (or zero) columns.  lam: L tensors (n,).
+    V: (n, n) shared basis.  U: L tensors (o, n) with unit (or zero) columns, column-major.  lam: L tensors (n,).
     errors: relative reconstruction error ‖W_i − U_i diag(λ_i) Vᵀ‖_F / ‖W_i‖_F per layer (float64).
     jitter: the diagonal added to the Gram sum, as a fraction of its mean diagonal (0.0 unless it
         was singular).
@@ -403,7 +403,9 @@ def joint_decompose(
         u = b.div_(torch.where(lam > 0, lam, torch.ones_like(lam)))  # a zero column stays zero
         # ‖(W_i − U_i·diag(λ_i)·Vᵀ)·P‖_F on the fixed probe (o·n·k multiply-adds instead of o·n²)
         probe_errors.append(torch.linalg.matrix_norm(layer_probe - u @ (lam.unsqueeze(1) * vt_probe)))
-        us.append(u.to(dtype, copy=True))  # a copy: the buffer is the next layer's
+        # A copy (the buffer is the next layer's), column-major: the layout FRoDLinear keeps U in, so the
+        # layer takes it without another pass over it
+        us.append(torch.empty(n, o, dtype=dtype, device=u.device).mT.copy_(u))
         lam_rows.append(lam)
     lam = torch.stack(lam_rows)  # (L, n), float64
     errors = (torch.stack(probe_errors) / norms_probe).tolist()

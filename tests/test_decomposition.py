@@ -3,8 +3,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
-from frod_kernels import fingerprint, joint_decompose
+from frod_kernels import FRoDLinear, fingerprint, joint_decompose
 from frod_kernels.decomposition import (
     _gram,
     _mean_regularised_inverse,
@@ -129,6 +130,18 @@ def test_storage_dtype_and_float32_inputs():
     b64 = joint_decompose(ws, dtype=torch.float64)
     assert b64.V.dtype == torch.float64
     torch.testing.assert_close(b64.V.float(), b.V)
+
+
+@pytest.mark.parametrize("L, o, n", [(3, 20, 13), (3, 13, 20), (1, 9, 7)])  # Gram form, Q form, L = 1
+def test_u_comes_column_major_and_the_layer_keeps_it(L, o, n):
+    """FRoDLinear keeps U column-major; the decomposition hands it over that way, so it is not copied again."""
+    ws = _weights(L, o, n, dtype=torch.float32)
+    b = joint_decompose(ws)
+    assert all(u.shape == (o, n) and u.mT.is_contiguous() for u in b.U)
+    layer = FRoDLinear.from_linear(nn.Linear(n, o).requires_grad_(False), basis=(b.U[0], b.V, b.lam[0]))
+    assert layer.U.data_ptr() == b.U[0].data_ptr()
+    b64 = joint_decompose([w.double() for w in ws])
+    torch.testing.assert_close(b.U[0], b64.U[0].float(), rtol=0, atol=0)  # the values are the rounding of float64's
 
 
 def test_bad_inputs():
