@@ -217,6 +217,16 @@ def test_basis_shift_tiny(tmp_path):
         assert all(c["equal"] and c["sign_flips"] == 0 and c["max_column_difference"] == 0 for c in cats.values())
 
 
+def test_decompose_profile_tiny(tmp_path):
+    proc = _script(["-m", "benchmarks.decompose_profile", "--tiny", "--top", "5", "--json", str(tmp_path / "p.json")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert len(result["categories_s"]) == 7
+    ops = result["operators"]
+    assert len(ops) == 5 and all(op["calls"] > 0 and 0 < op["share"] <= 1 for op in ops)
+    assert [op["self_s"] for op in ops] == sorted((op["self_s"] for op in ops), reverse=True)
+
+
 def test_input_form_error_tiny(tmp_path):
     proc = _script(["-m", "benchmarks.input_form_error", "--tiny", "--json", str(tmp_path / "err.json")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
