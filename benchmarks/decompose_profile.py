@@ -3,11 +3,13 @@
     python -m benchmarks.decompose_profile [--model random|smollm2|minilm] [--tiny] [--top K] [--json PATH]
 
 Each category of the model (grouped as ``apply_frod`` groups them) is decomposed once untimed, then
-once more under ``torch.profiler`` (CPU activities; no shapes recorded, which would add to each call).
+once more under ``torch.profiler`` (CPU activities; no shapes recorded, which would add to each call),
+each pass inside one ``shared_stack()``, as ``apply_frod`` runs them.
 Reported: the wall time of each category's profiled call, and the ``top`` operators by self CPU time
 summed over all categories, each with its call count and share of the total self time. The profiler adds
-its own cost per operator call (about a fifth of the total here), so the shares, not the absolute
-times, are what this measures; ``benchmarks.setup_cost`` times the decomposition without it.
+its own cost per operator call, and one pass after a warm-up in the same process is not setup_cost's
+median of rounds, so the shares, not the absolute times, are what this measures; ``benchmarks.setup_cost``
+times the decomposition without it.
 
 Models: as ``benchmarks.basis_shift`` (``random``: setup_cost's SmolLM2-shaped Llama; ``smollm2``,
 ``minilm``: real weights); ``--tiny``: a 2-layer Llama of width 48 (the smoke test).
@@ -24,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.input_form_error import _categories, _model
 from benchmarks.setup_cost import _llama
 from frod_kernels.bench import runner
-from frod_kernels.decomposition import joint_decompose
+from frod_kernels.decomposition import joint_decompose, shared_stack
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -34,10 +36,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, device = runner.start(parser, argv)
     model = _llama(False, device) if args.model == "random" and not args.tiny else _model(args.model, args.tiny)
     categories = {cat: [lin.weight.detach() for lin in linears] for cat, linears in _categories(model).items()}
-    for weights in categories.values():
-        joint_decompose(weights)  # untimed: first-call costs (allocations, the error probe) stay out
+    with shared_stack():
+        for weights in categories.values():
+            joint_decompose(weights)  # untimed: first-call costs (the error probe, the allocator's pools) stay out
     wall = {}
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof, shared_stack():
         for cat, weights in categories.items():
             started = time.perf_counter()
             joint_decompose(weights)

@@ -12,14 +12,17 @@ round; ``warmup`` untimed rounds, then ``repeats`` timed ones):
 
     apply          apply_frod(model, targets) on a fresh copy of the base model
     load           load_frod(fresh copy, adapter), the adapter saved once before the rounds
-    decompose      joint_decompose of each category: the float64 linear algebra of docs/design.md §2
+    decompose      joint_decompose of each category inside one ``shared_stack()``, as apply_frod and
+                   load_frod run it: the float64 linear algebra of docs/design.md §2
+    unshared       the same without ``shared_stack()``: each call allocates its own float64 stack
     fingerprints   fingerprints_by_dtype of each category (float32, bfloat16 and float16 roundings)
     floor          per category one eigh of an n × n symmetric matrix, plus one pass over every
                    targeted weight (aminmax): the least any shared-eigenbasis decomposition does
     gemm           one float64 GEMM (4096 × 1536)·(1536 × 1536): this machine's multiply-add rate
 
 Reported: median and quartiles (ms) of each step; load / apply as the ratio of medians and as the
-median same-round ratio (robust to load drifting between rounds); the multiply-adds of the
+median same-round ratio (robust to load drifting between rounds); decompose / unshared as the median
+same-round ratio; the multiply-adds of the
 decomposition's per-layer products (``_multiply_adds``) and the time they would take at the GEMM's
 rate; the 1-minute load average before the rounds and after each (a run's own threads add about
 their number to it). Copying the models and saving the adapter are not timed.
@@ -41,7 +44,7 @@ import torch
 import frod_kernels as fk
 from frod_kernels.bench import runner
 from frod_kernels.bench.timing import Progress, Timed, summarize, time_interleaved
-from frod_kernels.decomposition import joint_decompose
+from frod_kernels.decomposition import joint_decompose, shared_stack
 from frod_kernels.fingerprint import fingerprints_by_dtype
 
 __all__ = ["TARGETS", "build_parser", "format_report", "main", "run_setup_cost"]
@@ -104,6 +107,12 @@ def _multiply_adds(layers: int, o: int, n: int) -> float:
     return layers * (2.75 * o * n * n + 1.125 * o * o * n + 32 * o * n)
 
 
+def _decompose_shared(categories: list[list[torch.Tensor]]) -> None:
+    with shared_stack():
+        for weights in categories:
+            joint_decompose(weights)
+
+
 def _floor(categories: list[list[torch.Tensor]], symmetric: list[torch.Tensor]) -> None:
     for weights, t in zip(categories, symmetric, strict=True):
         torch.linalg.eigh(t)
@@ -134,7 +143,8 @@ def run_setup_cost(device: torch.device, tiny: bool = False, warmup: int = 1, re
         steps = {
             "apply": Timed(lambda: fk.apply_frod(to_apply.model, list(TARGETS)), to_apply.next),
             "load": Timed(lambda: fk.load_frod(to_load.model, adapter), to_load.next),
-            "decompose": Timed(lambda: [joint_decompose(ws) for ws in categories]),
+            "decompose": Timed(lambda: _decompose_shared(categories)),
+            "unshared": Timed(lambda: [joint_decompose(ws) for ws in categories]),
             "fingerprints": Timed(lambda: [fingerprints_by_dtype(ws) for ws in categories]),
             "floor": Timed(lambda: _floor(categories, symmetric)),
             "gemm": Timed(lambda: a @ b),
@@ -153,6 +163,8 @@ def run_setup_cost(device: torch.device, tiny: bool = False, warmup: int = 1, re
         "load_over_apply": timed["load"]["ms"] / timed["apply"]["ms"],
         "load_over_apply_paired": statistics.median(
             load / apply for load, apply in zip(samples["load"], samples["apply"], strict=True)),
+        "shared_over_unshared_paired": statistics.median(
+            shared / own for shared, own in zip(samples["decompose"], samples["unshared"], strict=True)),
         "gemm_multiply_adds_per_s": rate, "decompose_multiply_adds": multiply_adds,
         "decompose_at_gemm_rate_s": multiply_adds / rate,
         "load_average_before": load_before, "load_average_rounds": progress.loads[warmup:],
@@ -168,6 +180,8 @@ def format_report(result: dict) -> str:
         lines.append(f"{name:<13} {m['ms']:>9.0f} {m['q25_ms']:>7.0f}-{m['q75_ms']:<7.0f}")
     lines.append(f"load / apply: {result['load_over_apply']:.3f} (median same-round ratio "
                  f"{result['load_over_apply_paired']:.3f})")
+    lines.append(f"decompose / unshared (one stack buffer for all categories / one each): median same-round "
+                 f"ratio {result['shared_over_unshared_paired']:.3f}")
     lines.append(f"decomposition: {result['decompose_multiply_adds'] / 1e9:.0f} G multiply-adds in its per-layer "
                  f"products, {result['decompose_at_gemm_rate_s']:.2f} s at the GEMM's "
                  f"{result['gemm_multiply_adds_per_s'] / 1e9:.1f} G/s")

@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapter import describe_categories, load_frod_state_dict, pattern_hash, read_adapter
 from .categories import CategorySpec, apply_categories, other_base
-from .decomposition import ALGORITHM_VERSION, JointBasis, basis_drift, drift_tolerance, joint_decompose
+from .decomposition import ALGORITHM_VERSION, JointBasis, basis_drift, drift_tolerance, joint_decompose, shared_stack
 from .fingerprint import compare_fingerprints, dtype_name
 from .layer import MODES, FRoDBasis, FRoDLayer
 from .options import check_choice
@@ -252,7 +252,7 @@ def load_frod(model: nn.Module, path: str | os.PathLike, mode: str | None = None
                 f"layers hold δ and s in {', '.join(sorted(map(dtype_name, held)))} (convert them, or load into the "
                 f"base model)"
             )
-    with ModelTransaction(model) as tx:
+    with ModelTransaction(model) as tx, shared_stack():  # the categories' decompositions share one stack buffer
         if applied:
             for name, cat in cats.items():
                 _check_rebuildable(path, name, cat)

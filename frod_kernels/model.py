@@ -25,6 +25,7 @@ from .categories import (
     warn_single_layer_categories,
 )
 from .config import FRoDConfig
+from .decomposition import shared_stack
 from .export import install_checkpoint_guard, remove_checkpoint_guard
 from .input_layer import FRoDInputLinear
 from .layer import FRoDLayer
@@ -94,7 +95,7 @@ def apply_frod(
     keep = frod_param_ids(model)
     bar = progress_bar(len(groups), progress)
     try:
-        with ModelTransaction(model) as tx:
+        with ModelTransaction(model) as tx, shared_stack():
             freeze_all_but_frod(model, keep)
             for i, (cat, members) in enumerate(groups.items()):
                 started = time.perf_counter()

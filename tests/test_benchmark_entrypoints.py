@@ -185,7 +185,9 @@ def test_small_n_tiny(tmp_path):
 def test_setup_cost_tiny(tmp_path):
     proc = _script(["-m", "benchmarks.setup_cost", "--tiny", "--json", str(tmp_path / "setup.json")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert json.loads((tmp_path / "setup.json").read_text())["load_over_apply"] > 0
+    result = json.loads((tmp_path / "setup.json").read_text())
+    assert result["load_over_apply"] > 0 and result["shared_over_unshared_paired"] > 0
+    assert set(result["steps"]) == {"apply", "load", "decompose", "unshared", "fingerprints", "floor", "gemm"}
 
 
 def test_input_form_step_tiny(tmp_path):

@@ -11,6 +11,7 @@ from frod_kernels.decomposition import (
     _mean_regularised_inverse,
     _mean_regularised_inverse_of_grams,
     check_weights,
+    shared_stack,
 )
 from frod_kernels.fingerprint import fingerprints_by_dtype
 from frod_kernels.functional import frod_linear
@@ -142,6 +143,34 @@ def test_u_comes_column_major_and_the_layer_keeps_it(L, o, n):
     assert layer.U.data_ptr() == b.U[0].data_ptr()
     b64 = joint_decompose([w.double() for w in ws])
     torch.testing.assert_close(b.U[0], b64.U[0].float(), rtol=0, atol=0)  # the values are the rounding of float64's
+
+
+def _snapshot(b):
+    return [b.V.clone(), *(u.clone() for u in b.U), *(lam.clone() for lam in b.lam), torch.tensor(b.errors),
+            *([] if b.V_inv is None else [b.V_inv.clone()])]
+
+
+def _assert_same(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_shared_stack_gives_the_same_bits_and_no_result_aliases_it():
+    """Inside ``shared_stack`` successive calls (Gram form, Q form, one layer, shrinking and growing
+    stacks) give what they give alone, and a later call leaves the earlier results as they were."""
+    cases = [(5, 48, 32, {"inverse": True}), (3, 24, 16, {}), (4, 10, 30, {"inverse": True}), (1, 12, 20, {}),
+             (2, 40, 16, {})]  # the first stack is the largest: the others are views of its buffer
+    alone = [_snapshot(joint_decompose(_weights(L, o, n), **kw)) for L, o, n, kw in cases]
+    with shared_stack():
+        results = [joint_decompose(_weights(L, o, n), **kw) for L, o, n, kw in cases]
+        kept = [_snapshot(b) for b in results]
+        with torch.inference_mode():  # a stack grown here is still usable outside inference mode
+            joint_decompose(_weights(2, 200, 24))
+        joint_decompose(_weights(2, 100, 24))
+    for b, before, want in zip(results, kept, alone, strict=True):
+        _assert_same(_snapshot(b), before)
+        _assert_same(before, want)
 
 
 def test_bad_inputs():
