@@ -30,9 +30,8 @@ from types import ModuleType
 
 import torch
 
-from benchmarks.gram_form import _apart
-from benchmarks.input_form_error import _categories, _model
-from benchmarks.setup_cost import _llama
+from benchmarks.gram_form import _apart, add_model_option, category_model
+from benchmarks.input_form_error import _categories
 from frod_kernels import decomposition
 from frod_kernels.bench import runner
 from frod_kernels.bench.timing import Timed, summarize, time_interleaved
@@ -84,14 +83,14 @@ def measure(before: ModuleType, weights: list[torch.Tensor], device: torch.devic
 def main(argv: Sequence[str] | None = None) -> None:
     parser = runner.make_parser("python -m benchmarks.basis_shift", __doc__, common=True)
     parser.add_argument("--against", required=True, help="the git revision to compare with")
-    parser.add_argument("--model", choices=("random", "smollm2", "minilm"), default="random")
+    add_model_option(parser)
     runner.add_rounds_options(parser, 1, 5, per=" per category", tiny=(0, 1))
     args, device = runner.start(parser, argv)
     if args.tiny:
         args.warmup, args.repeats = 0, 1
     before = decomposition_at(args.against)
-    model = _llama(False, device) if args.model == "random" and not args.tiny else _model(args.model, args.tiny)
-    result = {"model": "tiny random Llama" if args.tiny else args.model, "against": args.against,
+    label, model = category_model(args, device)
+    result = {"model": label, "against": args.against,
               "warmup": args.warmup, "repeats": args.repeats, "threads": torch.get_num_threads(), "categories": {}}
     lines = [f"{'category':<44} {'o x n':>11} {'ours':>9} {'before':>9} {'ratio':>6} {'equal':>5} {'flips':>5} "
              f"{'apart':>8}"]

@@ -11,7 +11,7 @@ its own cost per operator call, and one pass after a warm-up in the same process
 median of rounds, so the shares, not the absolute times, are what this measures; ``benchmarks.setup_cost``
 times the decomposition without it.
 
-Models: as ``benchmarks.basis_shift`` (``random``: setup_cost's SmolLM2-shaped Llama; ``smollm2``,
+Models: as ``benchmarks.gram_form`` (``random``: setup_cost's SmolLM2-shaped Llama; ``smollm2``,
 ``minilm``: real weights); ``--tiny``: a 2-layer Llama of width 48 (the smoke test).
 """
 
@@ -23,18 +23,18 @@ from collections.abc import Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.input_form_error import _categories, _model
-from benchmarks.setup_cost import _llama
+from benchmarks.gram_form import add_model_option, category_model
+from benchmarks.input_form_error import _categories
 from frod_kernels.bench import runner
 from frod_kernels.decomposition import joint_decompose, shared_stack
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = runner.make_parser("python -m benchmarks.decompose_profile", __doc__, common=True)
-    parser.add_argument("--model", choices=("random", "smollm2", "minilm"), default="random")
+    add_model_option(parser)
     parser.add_argument("--top", type=int, default=12, help="operators to report, by self CPU time")
     args, device = runner.start(parser, argv)
-    model = _llama(False, device) if args.model == "random" and not args.tiny else _model(args.model, args.tiny)
+    label, model = category_model(args, device)
     categories = {cat: [lin.weight.detach() for lin in linears] for cat, linears in _categories(model).items()}
     with shared_stack():
         for weights in categories.values():
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     total_us = sum(e.self_cpu_time_total for e in events)
     operators = [{"name": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count,
                   "share": e.self_cpu_time_total / total_us} for e in events[:args.top]]
-    result = {"model": "tiny random Llama" if args.tiny else args.model, "threads": torch.get_num_threads(),
+    result = {"model": label, "threads": torch.get_num_threads(),
               "categories_s": wall, "total_wall_s": sum(wall.values()), "total_self_s": total_us / 1e6,
               "operators": operators}
     lines = [f"{cat[:52]:<52} {seconds:>7.3f} s" for cat, seconds in wall.items()]

@@ -19,10 +19,12 @@ of width 48 (the smoke test).
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from unittest import mock
 
 import torch
+from torch import nn
 
 from benchmarks.input_form_error import _categories, _model
 from benchmarks.setup_cost import _llama
@@ -69,15 +71,27 @@ def measure(weights: list[torch.Tensor], device: torch.device, warmup: int, repe
     }
 
 
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """``--model random|smollm2|minilm`` (the module docstring's "Models")."""
+    parser.add_argument("--model", choices=("random", "smollm2", "minilm"), default="random")
+
+
+def category_model(args: argparse.Namespace, device: torch.device) -> tuple[str, nn.Module]:
+    """(its name for the result, the model) that ``--model`` and ``--tiny`` ask for (module docstring)."""
+    if args.tiny:
+        return "tiny random Llama", _model(args.model, tiny=True)
+    return args.model, _llama(False, device) if args.model == "random" else _model(args.model, tiny=False)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = runner.make_parser("python -m benchmarks.gram_form", __doc__, common=True)
-    parser.add_argument("--model", choices=("random", "smollm2", "minilm"), default="random")
+    add_model_option(parser)
     runner.add_rounds_options(parser, 1, 3, per=" per category", tiny=(0, 1))
     args, device = runner.start(parser, argv)
     if args.tiny:
         args.warmup, args.repeats = 0, 1
-    model = _llama(False, device) if args.model == "random" and not args.tiny else _model(args.model, args.tiny)
-    result = {"model": "tiny random Llama" if args.tiny else args.model, "warmup": args.warmup,
+    label, model = category_model(args, device)
+    result = {"model": label, "warmup": args.warmup,
               "repeats": args.repeats, "threads": torch.get_num_threads(), "categories": {}}
     lines = [f"{'category':<44} {'o x n':>11} {'cond(C)':>8} {'form':>5} {'package':>9} {'Q form':>9} "
              f"{'flips':>5} {'apart':>8}"]
